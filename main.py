@@ -1,0 +1,108 @@
+"""ChestView entry point: ``python main.py [view|batch|selftest|demo|train|evaluate|compare|convert-xrv] ...``.
+
+Research use only, not for diagnostic use.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _has_display() -> bool:
+    if os.environ.get("QT_QPA_PLATFORM", "") in ("offscreen", "minimal"):
+        return False
+    if sys.platform.startswith("linux"):
+        return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    return True
+
+
+def cmd_run_demo(args: argparse.Namespace) -> int:
+    """The README's main job: viewer on the demo; with no display, batch review of the demo."""
+    from engine.demo import ensure_demo
+
+    demo = ensure_demo()
+    if _has_display() and not args.batch:
+        from viewer.app import run_viewer
+
+        return run_viewer([str(demo)])
+    from engine.batch import run_batch_cli
+
+    out = args.out or str(demo.parent / "demo-review")
+    print(f"[chestview] no display: running the batch review of the demo study set in {demo}")
+    return run_batch_cli([str(demo), "--out", out])
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from viewer.app import run_viewer
+
+    paths = list(args.paths)
+    if not paths and args.demo:
+        from engine.demo import ensure_demo
+
+        paths = [str(ensure_demo())]
+    return run_viewer(paths)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from engine.demo import ensure_demo
+
+    path = ensure_demo(rebuild=args.rebuild)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from engine import __version__
+
+    p = argparse.ArgumentParser(prog="chestview", description="ChestView: chest X-ray and CT viewer with AI "
+                                "assistance. Research use only, not for diagnostic use.")
+    p.add_argument("--version", action="version", version=f"ChestView {__version__}")
+    sub = p.add_subparsers(dest="command")
+
+    r = sub.add_parser("run-demo", help="viewer on the demo study set (batch review when no display)")
+    r.add_argument("--batch", action="store_true", help="force the batch review even with a display")
+    r.add_argument("--out", help="report folder for the batch review")
+    r.set_defaults(func=cmd_run_demo)
+
+    v = sub.add_parser("view", help="open the viewer on folders, DICOMDIRs or ZIP files")
+    v.add_argument("paths", nargs="*")
+    v.add_argument("--demo", action="store_true", help="open the bundled demo study set")
+    v.set_defaults(func=cmd_view)
+
+    d = sub.add_parser("demo", help="build (if needed) the demo study set and print its folder")
+    d.add_argument("--rebuild", action="store_true")
+    d.set_defaults(func=cmd_demo)
+
+    # Subcommands whose argument parsing lives with their module (one job per module).
+    for name, module, helptext in [
+        ("batch", "engine.batch", "review every study under a folder; write CSV/JSON/HTML reports"),
+        ("selftest", "engine.selftest", "check decoders, models (hashes), devices; analyse the demo"),
+        ("train", "engine.train", "train a model on real data (xray|ct)"),
+        ("evaluate", "engine.evaluate", "evaluate a model and write its model card"),
+        ("compare", "engine.compare", "train and compare the papers' model zoo on one split"),
+        ("convert-xrv", "engine.models.convert_xrv", "convert torchxrayvision weights to safetensors"),
+    ]:
+        sp = sub.add_parser(name, help=helptext, add_help=False)
+        sp.add_argument("rest", nargs=argparse.REMAINDER)
+        sp.set_defaults(func=None, module=module)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.func is None:
+        import importlib
+
+        mod = importlib.import_module(args.module)
+        return int(mod.cli_main(args.rest) or 0)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
