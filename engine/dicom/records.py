@@ -81,6 +81,7 @@ class IndexResult:
     problems: list[FileProblem] = field(default_factory=list)
     files_seen: int = 0
     seconds: float = 0.0
+    cancelled: bool = False      # True when cancel() stopped the scan: the lists are incomplete
 
     def all_series(self) -> list[SeriesRecord]:
         return [se for p in self.patients for st in p.studies for se in st.series]

@@ -1,0 +1,139 @@
+"""Viewer speed: slice changes per second on the 512x512 demo CT with W/L applied, against a
+baseline measured in the same run (pre-windowed uint8 slices pushed to the same ImageItem), and
+time to first image for the demo CR and CT through the real MainWindow.
+
+Run: ``.venv/bin/python bench/bench_viewer.py`` (offscreen is fine). Prints a table; saves nothing.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+
+def _fps(fn, n: int) -> float:
+    t = time.perf_counter()
+    for i in range(n):
+        fn(i)
+    return n / (time.perf_counter() - t)
+
+
+def main() -> int:
+    from PySide6.QtCore import QCoreApplication
+    from viewer.app import create_app
+
+    app = create_app()
+    from engine.demo import build_demo
+    from engine.dicom.index import index_path
+    from engine.dicom.pixels import apply_voi
+    from engine.dicom.volume import load_volume
+    from viewer.image_view import FrameSource, ImageView, VolumeSource
+    from viewer.main_window import _series_items
+
+    tmp = tempfile.TemporaryDirectory(prefix="chestview-bench-")
+    demo = build_demo(Path(tmp.name) / "demo")
+    idx = index_path(demo)
+    ct = next(s for s in idx.all_series() if s.kind == "ct")
+    vol = load_volume(ct)
+    nz = vol.hu.shape[0]
+
+    iv = ImageView()
+    iv.resize(900, 900)
+    iv.show()
+    QCoreApplication.processEvents()
+    vp = iv.graphics.viewport()
+    iv.set_stack(VolumeSource(vol), window=(-600, 1500))
+    QCoreApplication.processEvents()
+    n = 3 * nz
+    rows = []
+
+    # baseline: slices already windowed to uint8 (the cheapest possible push + paint)
+    pre = [np.rint(apply_voi(vol.hu[i], -600, 1500) * 255).astype(np.uint8) for i in range(nz)]
+
+    def base(i):
+        iv.image_item.setImage(pre[i % nz], autoLevels=False, levels=(0, 255), lut=None)
+        vp.repaint()
+    f_base = _fps(base, n)
+    rows.append(("baseline: pre-windowed uint8 setImage + paint", f_base))
+
+    def viewer(i):  # the viewer's path: int16 HU + levels + 256-entry LUT
+        iv.set_slice(i % nz)
+        vp.repaint()
+    iv.set_slice(0)
+    f_view = _fps(viewer, n)
+    rows.append(("viewer: set_slice (HU levels + LUT) + annotations + paint", f_view))
+
+    def voi_path(i):  # alternative: apply_voi to float32 [0,1] per slice, then push
+        g = apply_voi(vol.hu[i % nz], -600, 1500)
+        iv.image_item.setImage(g, autoLevels=False, levels=(0.0, 1.0), lut=None)
+        vp.repaint()
+    rows.append(("alternative: apply_voi float32 per slice + paint", _fps(voi_path, n)))
+
+    def wl(i):  # W/L drag on one slice
+        iv.set_window(-600 + (i % 50) * 10, 1500 + (i % 30) * 20)
+        vp.repaint()
+    rows.append(("W/L change on one slice + paint", _fps(wl, n)))
+
+    items, step = _series_items(ct)
+    src = FrameSource(items, reading_step=step)
+    iv.set_stack(src, window=(-600, 1500))
+
+    def cold(i):  # before the volume is loaded: decode from file each slice (cache empty)
+        iv.set_slice(i)
+        vp.repaint()
+    src.cache.clear()
+    rows.append(("files, cold (decode per slice) + paint", _fps(cold, nz)))
+    rows.append(("files, cached + paint", _fps(lambda i: cold(i % nz), n)))
+    iv.close()
+
+    # time to first image through the main window (viewer only: AI controller disabled)
+    sys.modules["viewer.ai_controller"] = None  # type: ignore[assignment]
+    from viewer.main_window import MainWindow
+    from viewer.settings_store import SettingsStore
+
+    ttfi = []
+    for label, folder in (("CR chest (1955x1841, MONOCHROME1)", demo / "CR_CHEST"),
+                          ("CT phantom (120 x 512x512)", demo / "CT_PHANTOM")):
+        w = MainWindow(SettingsStore(Path(tmp.name) / "s.ini"))
+        w.resize(1400, 900)
+        w.show()
+        QCoreApplication.processEvents()
+        shown = {}
+        w.series_opened.connect(lambda s: shown.setdefault("t", time.perf_counter()))
+        w.volume_loaded.connect(lambda v: shown.setdefault("v", time.perf_counter()))
+        t0 = time.perf_counter()
+        w.open_path(folder)
+        while "t" not in shown and time.perf_counter() - t0 < 60:
+            QCoreApplication.processEvents()
+            time.sleep(0.001)
+        first = shown.get("t", float("nan")) - t0
+        if folder.name.startswith("CT"):
+            while "v" not in shown and time.perf_counter() - t0 < 60:
+                QCoreApplication.processEvents()
+                time.sleep(0.001)
+        ttfi.append((label, first, shown.get("v", float("nan")) - t0 if "v" in shown else None))
+        w.thumbs.cancel()
+        w.close()
+        w.runner.wait_done(10000)
+
+    print(f"\nViewer slice-change speed, 512x512 CT ({nz} slices), view 900x900 offscreen")
+    print(f"{'path':62s} {'frames/s':>9s} {'vs baseline':>11s}")
+    for name, f in rows:
+        print(f"{name:62s} {f:9.0f} {f / f_base:10.2f}x")
+    print("\nTime to first image (open folder -> image on screen, includes indexing)")
+    for label, first, v in ttfi:
+        extra = f"   volume ready (MPR) {v * 1000:.0f} ms" if v is not None else ""
+        print(f"  {label:40s} {first * 1000:7.0f} ms{extra}")
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

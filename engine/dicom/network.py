@@ -1,0 +1,718 @@
+"""DICOM networking with pynetdicom: C-ECHO, C-FIND, C-MOVE/C-GET retrieve, storage SCP, C-STORE.
+
+Services follow PS3.4: Verification (annex A), Storage (annex B), Query/Retrieve (annex C:
+Patient Root for PATIENT level, Study Root for STUDY/SERIES/IMAGE). Received instances are
+filed as ``<store>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm``, written atomically, never
+overwriting a different existing file. Optional TLS per PS3.15 B.9.
+
+Privacy: pynetdicom logs C-FIND/C-MOVE/C-GET identifiers (patient names, IDs) by default; this
+module switches that off at import, and its own log lines carry counts, AE titles and status
+codes only — never names, IDs or birth dates.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import re
+import ssl
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+from pydicom import Dataset, dcmread
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, build_role, evt
+from pynetdicom import sop_class as sc
+
+from engine import paths
+from engine.netconfig import NetworkSettings, Peer, TLSSettings
+
+
+def quiet_identifiers() -> None:
+    """Stop pynetdicom from logging query/retrieve identifiers (they hold patient names and IDs)."""
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+
+
+quiet_identifiers()
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[float, str], None]
+CancelFn = Callable[[], bool]
+StoredFn = Callable[["StoredInstance"], None]
+
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+# Storage SOP classes we ask to receive over a C-GET association (PS3.4 C.4.3 needs a
+# presentation context plus SCP role selection for each; 128 contexts at most, PS3.8 9.3.2.2).
+GET_STORAGE_CLASSES = [
+    sc.ComputedRadiographyImageStorage,
+    sc.DigitalXRayImageStorageForPresentation,
+    sc.DigitalXRayImageStorageForProcessing,
+    sc.CTImageStorage,
+    sc.EnhancedCTImageStorage,
+    sc.LegacyConvertedEnhancedCTImageStorage,
+    sc.MRImageStorage,
+    sc.EnhancedMRImageStorage,
+    sc.UltrasoundImageStorage,
+    sc.NuclearMedicineImageStorage,
+    sc.PositronEmissionTomographyImageStorage,
+    sc.XRayAngiographicImageStorage,
+    sc.DigitalMammographyXRayImageStorageForPresentation,
+    sc.SecondaryCaptureImageStorage,
+    sc.MultiFrameGrayscaleByteSecondaryCaptureImageStorage,
+    sc.MultiFrameGrayscaleWordSecondaryCaptureImageStorage,
+    sc.MultiFrameTrueColorSecondaryCaptureImageStorage,
+    sc.ParametricMapStorage,
+    sc.SegmentationStorage,
+    sc.GrayscaleSoftcopyPresentationStateStorage,
+    sc.KeyObjectSelectionDocumentStorage,
+    sc.BasicTextSRStorage,
+    sc.EnhancedSRStorage,
+    sc.ComprehensiveSRStorage,
+    sc.Comprehensive3DSRStorage,
+    sc.XRayRadiationDoseSRStorage,
+    sc.EncapsulatedPDFStorage,
+]
+GET_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
+    JPEGLosslessSV1, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSLossless, JPEGLSNearLossless,
+    JPEG2000Lossless, JPEG2000, RLELossless, ExplicitVRBigEndian,
+]
+
+LEVEL_MODELS = {
+    "PATIENT": (sc.PatientRootQueryRetrieveInformationModelFind,
+                sc.PatientRootQueryRetrieveInformationModelMove,
+                sc.PatientRootQueryRetrieveInformationModelGet),
+    "STUDY": (sc.StudyRootQueryRetrieveInformationModelFind,
+              sc.StudyRootQueryRetrieveInformationModelMove,
+              sc.StudyRootQueryRetrieveInformationModelGet),
+}
+LEVEL_MODELS["SERIES"] = LEVEL_MODELS["STUDY"]
+LEVEL_MODELS["IMAGE"] = LEVEL_MODELS["STUDY"]
+
+
+class NetworkError(Exception):
+    """A DICOM network operation failed; the message says what to check (never holds identifiers)."""
+
+
+# --------------------------------------------------------------------------------------------
+# TLS (PS3.15 B.9): contexts from the PEM files in the settings
+# --------------------------------------------------------------------------------------------
+def client_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
+    """SSL context for our SCU: verify the server against ``ca_file`` (or the system CAs)."""
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file or None)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if not tls.verify_peer:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        if tls.cert_file and tls.key_file:
+            ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise NetworkError(f"Cannot load the TLS certificate/key/CA files ({exc}): check the "
+                           "PEM paths in Network settings.") from exc
+    return ctx
+
+
+def server_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
+    """SSL context for our SCP; clients must present a certificate when ``ca_file`` is set."""
+    tls.validate()
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=tls.ca_file or None)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(tls.cert_file, tls.key_file)
+        ctx.verify_mode = ssl.CERT_REQUIRED if (tls.ca_file and tls.verify_peer) else ssl.CERT_NONE
+    except (OSError, ssl.SSLError) as exc:
+        raise NetworkError(f"Cannot load the TLS certificate/key files ({exc}): check the PEM "
+                           "paths in Network settings.") from exc
+    return ctx
+
+
+# --------------------------------------------------------------------------------------------
+# Association helper
+# --------------------------------------------------------------------------------------------
+def _make_ae(settings: NetworkSettings) -> AE:
+    ae = AE(ae_title=settings.ae_title)
+    t = float(settings.timeout_s)
+    ae.acse_timeout = t
+    ae.dimse_timeout = t
+    ae.network_timeout = t
+    ae.connection_timeout = t
+    return ae
+
+
+@contextmanager
+def _association(settings: NetworkSettings, peer: Peer, contexts: Sequence[tuple[str, list[str]]],
+                 roles: list | None = None, handlers: list | None = None) -> Iterator:
+    """Open an association to ``peer`` with the given (abstract syntax, transfer syntaxes)."""
+    ae = _make_ae(settings)
+    for abstract, syntaxes in contexts:
+        ae.add_requested_context(abstract, syntaxes)
+    tls_args = (client_ssl_context(settings.tls), peer.host) if peer.tls else None
+    assoc = ae.associate(peer.host, int(peer.port), ae_title=peer.ae_title, ext_neg=roles or None,
+                         evt_handlers=handlers or None, tls_args=tls_args)
+    if not assoc.is_established:
+        where = f"{peer.name} ({peer.ae_title}@{peer.host}:{peer.port})"
+        if assoc.is_rejected:
+            raise NetworkError(f"{where} rejected the association: ask the PACS administrator "
+                               f"to register our AE title '{settings.ae_title}', and check the "
+                               "peer's AE title.")
+        raise NetworkError(f"Could not connect to {where}: check host, port, TLS setting and "
+                           "that the PACS is running.")
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def echo(settings: NetworkSettings, peer: Peer) -> float:
+    """C-ECHO (PS3.4 A): returns the round trip in seconds or raises NetworkError."""
+    t0 = time.perf_counter()
+    with _association(settings, peer, [(sc.Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]) as a:
+        status = a.send_c_echo()
+        code = getattr(status, "Status", None)
+        if code != 0x0000:
+            raise NetworkError(f"{peer.name} answered C-ECHO with status "
+                               f"{'none' if code is None else hex(code)}.")
+    dt = time.perf_counter() - t0
+    log.info("C-ECHO %s ok in %.3f s", peer.ae_title, dt)
+    return dt
+
+
+# --------------------------------------------------------------------------------------------
+# C-FIND
+# --------------------------------------------------------------------------------------------
+@dataclass
+class StudyQuery:
+    """What the user searches for; empty fields match anything (PS3.4 C.2.2.2 universal matching)."""
+
+    patient_name: str = ""       # substring; '*'/'?' wildcards are passed through
+    patient_id: str = ""
+    date_from: str = ""          # YYYYMMDD
+    date_to: str = ""            # YYYYMMDD
+    modality: str = ""           # e.g. "CT", "CR", "DX"
+    accession_number: str = ""
+    study_uid: str = ""
+
+
+@dataclass
+class PatientMatch:
+    patient_id: str
+    patient_name: str
+    birth_date: str = ""
+    sex: str = ""
+    n_studies: int | None = None
+
+
+@dataclass
+class StudyMatch:
+    study_uid: str
+    patient_id: str = ""
+    patient_name: str = ""
+    birth_date: str = ""
+    study_date: str = ""
+    study_time: str = ""
+    description: str = ""
+    accession_number: str = ""
+    modalities: list[str] = field(default_factory=list)
+    n_series: int | None = None
+    n_instances: int | None = None
+
+
+@dataclass
+class SeriesMatch:
+    series_uid: str
+    study_uid: str
+    modality: str = ""
+    series_number: int | None = None
+    description: str = ""
+    n_instances: int | None = None
+
+
+def _wild(text: str) -> str:
+    """Substring match for names: 'smith' -> '*smith*' unless the user typed wildcards."""
+    t = text.strip()
+    if not t or "*" in t or "?" in t:
+        return t
+    return f"*{t}*"
+
+
+def _date_range(d_from: str, d_to: str) -> str:
+    """PS3.4 C.2.2.2.5 range matching: 'A-B', 'A-' or '-B'."""
+    a, b = d_from.strip().replace("-", ""), d_to.strip().replace("-", "")
+    for d in (a, b):
+        if d and not re.fullmatch(r"\d{8}", d):
+            raise ValueError(f"Date '{d}' is not YYYYMMDD: enter e.g. 20240131.")
+    if a and b:
+        return a if a == b else f"{a}-{b}"
+    if a:
+        return f"{a}-"
+    if b:
+        return f"-{b}"
+    return ""
+
+
+def _int(v) -> int | None:
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def find(settings: NetworkSettings, peer: Peer, identifier: Dataset,
+         cancel: CancelFn | None = None) -> list[Dataset]:
+    """C-FIND with a ready identifier; ``QueryRetrieveLevel`` selects the information model."""
+    level = str(identifier.get("QueryRetrieveLevel", "STUDY")).upper()
+    if level not in LEVEL_MODELS:
+        raise ValueError(f"QueryRetrieveLevel '{level}' must be PATIENT, STUDY, SERIES or IMAGE.")
+    model = LEVEL_MODELS[level][0]
+    out: list[Dataset] = []
+    with _association(settings, peer, [(model, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]) as a:
+        for status, ident in a.send_c_find(identifier, model):
+            if cancel is not None and cancel():
+                a.abort()
+                break
+            code = getattr(status, "Status", None)
+            if code is None:
+                raise NetworkError(f"{peer.name} did not answer the C-FIND (timeout or aborted): "
+                                   "try again or raise the timeout in Network settings.")
+            if code in (0xFF00, 0xFF01):
+                if ident is not None:
+                    out.append(ident)
+            elif code != 0x0000:
+                raise NetworkError(f"{peer.name} refused the {level} query (status {code:#06x}).")
+    log.info("C-FIND %s level %s: %d matches", peer.ae_title, level, len(out))
+    return out
+
+
+def _study_identifier(q: StudyQuery) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.PatientName = _wild(q.patient_name)
+    ds.PatientID = q.patient_id.strip()
+    ds.PatientBirthDate = ""
+    ds.StudyDate = _date_range(q.date_from, q.date_to)
+    ds.StudyTime = ""
+    ds.StudyDescription = ""
+    ds.AccessionNumber = q.accession_number.strip()
+    ds.ModalitiesInStudy = q.modality.strip().upper()
+    ds.StudyInstanceUID = q.study_uid.strip()
+    ds.NumberOfStudyRelatedSeries = ""
+    ds.NumberOfStudyRelatedInstances = ""
+    return ds
+
+
+def find_patients(settings: NetworkSettings, peer: Peer, q: StudyQuery) -> list[PatientMatch]:
+    """PATIENT level C-FIND (Patient Root, PS3.4 C.6.1)."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "PATIENT"
+    ds.PatientName = _wild(q.patient_name)
+    ds.PatientID = q.patient_id.strip()
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+    ds.NumberOfPatientRelatedStudies = ""
+    return [PatientMatch(patient_id=str(r.get("PatientID", "")), patient_name=str(r.get("PatientName", "")),
+                         birth_date=str(r.get("PatientBirthDate", "")), sex=str(r.get("PatientSex", "")),
+                         n_studies=_int(r.get("NumberOfPatientRelatedStudies")))
+            for r in find(settings, peer, ds)]
+
+
+def find_studies(settings: NetworkSettings, peer: Peer, q: StudyQuery,
+                 cancel: CancelFn | None = None) -> list[StudyMatch]:
+    """STUDY level C-FIND (Study Root, PS3.4 C.6.2), sorted newest first."""
+    out = []
+    for r in find(settings, peer, _study_identifier(q), cancel):
+        mods = r.get("ModalitiesInStudy", "")
+        mods = [str(mods)] if isinstance(mods, str) else [str(m) for m in mods]
+        mods = [m for m in mods if m]
+        out.append(StudyMatch(
+            study_uid=str(r.get("StudyInstanceUID", "")), patient_id=str(r.get("PatientID", "")),
+            patient_name=str(r.get("PatientName", "")), birth_date=str(r.get("PatientBirthDate", "")),
+            study_date=str(r.get("StudyDate", "")), study_time=str(r.get("StudyTime", "")),
+            description=str(r.get("StudyDescription", "")), accession_number=str(r.get("AccessionNumber", "")),
+            modalities=mods, n_series=_int(r.get("NumberOfStudyRelatedSeries")),
+            n_instances=_int(r.get("NumberOfStudyRelatedInstances"))))
+    out.sort(key=lambda s: (s.study_date, s.study_time), reverse=True)
+    return out
+
+
+def find_series(settings: NetworkSettings, peer: Peer, study_uid: str, modality: str = "") -> list[SeriesMatch]:
+    """SERIES level C-FIND within one study (Study Root, PS3.4 C.6.2)."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "SERIES"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = ""
+    ds.Modality = modality.strip().upper()
+    ds.SeriesNumber = ""
+    ds.SeriesDescription = ""
+    ds.NumberOfSeriesRelatedInstances = ""
+    out = [SeriesMatch(series_uid=str(r.get("SeriesInstanceUID", "")), study_uid=study_uid,
+                       modality=str(r.get("Modality", "")), series_number=_int(r.get("SeriesNumber")),
+                       description=str(r.get("SeriesDescription", "")),
+                       n_instances=_int(r.get("NumberOfSeriesRelatedInstances")))
+           for r in find(settings, peer, ds)]
+    out.sort(key=lambda s: (s.series_number is None, s.series_number or 0))
+    return out
+
+
+def find_instances(settings: NetworkSettings, peer: Peer, study_uid: str, series_uid: str) -> list[str]:
+    """IMAGE level C-FIND: the SOP Instance UIDs of one series."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "IMAGE"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.SOPInstanceUID = ""
+    ds.SOPClassUID = ""
+    ds.InstanceNumber = ""
+    return [str(r.get("SOPInstanceUID", "")) for r in find(settings, peer, ds)]
+
+
+# --------------------------------------------------------------------------------------------
+# Filing received instances
+# --------------------------------------------------------------------------------------------
+@dataclass
+class StoredInstance:
+    path: Path
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    duplicate: bool = False      # identical file was already in the store
+    conflict: bool = False       # a different file had this SOP UID: kept both (new one suffixed)
+
+
+def _check_uid(uid: str, what: str) -> str:
+    u = (uid or "").strip().rstrip("\x00")
+    if not u or len(u) > 64 or not _UID_RE.match(u):
+        raise ValueError(f"{what} is missing or not a valid UID (PS3.5 9.1)")
+    return u
+
+
+def _link_new(tmp: Path, final: Path) -> bool:
+    """Give ``tmp`` the name ``final`` only if ``final`` does not exist (atomic where links work)."""
+    try:
+        os.link(tmp, final)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:          # filesystem without hard links (e.g. FAT): check-then-rename
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        if final.exists():
+            return False
+        os.replace(tmp, final)
+        return True
+
+
+def file_instance(data: bytes, study_uid: str, series_uid: str, sop_uid: str,
+                  root: Path | None = None) -> StoredInstance:
+    """Write one encoded DICOM file as ``root/<Study>/<Series>/<SOP>.dcm``.
+
+    Atomic (temp file in the target folder, then link/rename); an existing identical file is kept
+    as is; an existing *different* file is never overwritten: the new one gets a content-hash
+    suffix ``<SOP>.<sha8>.dcm``. UIDs are validated so a peer cannot steer paths (``..``).
+    """
+    study_uid = _check_uid(study_uid, "Study Instance UID")
+    series_uid = _check_uid(series_uid, "Series Instance UID")
+    sop_uid = _check_uid(sop_uid, "SOP Instance UID")
+    folder = (root or paths.store_dir()) / study_uid / series_uid
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{sop_uid}.dcm"
+    if final.exists() and final.stat().st_size == len(data) and final.read_bytes() == data:
+        return StoredInstance(final, study_uid, series_uid, sop_uid, duplicate=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".incoming-", suffix=".part", dir=folder)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if _link_new(tmp, final):
+            return StoredInstance(final, study_uid, series_uid, sop_uid)
+        if final.read_bytes() == data:
+            return StoredInstance(final, study_uid, series_uid, sop_uid, duplicate=True)
+        alt = folder / f"{sop_uid}.{hashlib.sha256(data).hexdigest()[:8]}.dcm"
+        if not _link_new(tmp, alt) and alt.read_bytes() != data:
+            raise OSError(f"store name clash for {alt.name}")
+        log.warning("Received a different instance with an existing SOP Instance UID: kept both")
+        return StoredInstance(alt, study_uid, series_uid, sop_uid, conflict=True)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class _StoreHandler:
+    """EVT_C_STORE handler shared by the storage SCP and C-GET (PS3.4 B.2.3 statuses)."""
+
+    def __init__(self, root: Path | None, on_stored: StoredFn | None):
+        self.root = root
+        self.on_stored = on_stored
+        self.lock = threading.Lock()
+        self.stored: list[StoredInstance] = []
+        self.failed = 0
+
+    def __call__(self, event) -> int:
+        try:
+            ds = event.dataset
+            sop = str(event.request.AffectedSOPInstanceUID)
+            if str(ds.get("SOPInstanceUID", sop)) != sop:
+                raise ValueError("SOP Instance UID in the dataset differs from the request")
+            data = event.encoded_dataset(include_meta=True)
+            rec = file_instance(data, str(ds.get("StudyInstanceUID", "")),
+                                str(ds.get("SeriesInstanceUID", "")), sop, self.root)
+        except ValueError as exc:
+            log.warning("Refused a received instance: %s", exc)
+            with self.lock:
+                self.failed += 1
+            return 0xC000                     # Error: cannot understand
+        except OSError as exc:
+            log.error("Could not file a received instance (%s): check free disk space", exc.strerror or exc)
+            with self.lock:
+                self.failed += 1
+            return 0xA700                     # Refused: out of resources
+        with self.lock:
+            self.stored.append(rec)
+        if self.on_stored is not None:
+            try:
+                self.on_stored(rec)
+            except Exception:                 # a GUI callback must never fail the C-STORE
+                log.exception("on_stored callback failed")
+        return 0x0000
+
+
+class StorageSCP:
+    """C-STORE/C-ECHO listener in a background thread, filing into ``store_dir()``.
+
+    Only calling AE titles in ``settings.effective_allow_list()`` may associate; the called AE
+    title must be ours. TLS when ``settings.tls.enabled``.
+    """
+
+    def __init__(self, settings: NetworkSettings, root: Path | None = None,
+                 on_stored: StoredFn | None = None):
+        self.settings = settings
+        self.root = root
+        self.handler = _StoreHandler(root, on_stored)
+        self._ae: AE | None = None
+        self._server = None
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise NetworkError("The storage SCP is not running.")
+        return int(self._server.server_address[1])
+
+    @property
+    def stored(self) -> list[StoredInstance]:
+        with self.handler.lock:
+            return list(self.handler.stored)
+
+    def start(self) -> int:
+        """Start listening; returns the bound port (settings.port 0 = any free port)."""
+        if self._server is not None:
+            return self.port
+        s = self.settings
+        allow = s.effective_allow_list()
+        if not allow:
+            raise NetworkError("No calling AE titles are allowed to send to us: add your PACS as a "
+                               "peer or add its AE title to the allow-list in Network settings.")
+        ae = _make_ae(s)
+        ae.require_called_aet = True
+        ae.require_calling_aet = allow
+        ae.maximum_associations = 16
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(sc.Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ssl_ctx = server_ssl_context(s.tls) if s.tls.enabled else None
+        try:
+            self._server = ae.start_server((s.bind_address, int(s.port)), block=False, ssl_context=ssl_ctx,
+                                           evt_handlers=[(evt.EVT_C_STORE, self.handler)])
+        except OSError as exc:
+            raise NetworkError(f"Cannot listen on port {s.port} ({exc.strerror or exc}): choose another "
+                               "port in Network settings or stop the program using it.") from exc
+        self._ae = ae
+        log.info("Storage SCP %s listening on port %d (TLS %s, %d allowed callers)",
+                 s.ae_title, self.port, "on" if ssl_ctx else "off", len(allow))
+        return self.port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        if self._ae is not None:
+            self._ae.shutdown()
+            self._ae = None
+
+    def __enter__(self) -> StorageSCP:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Retrieve: C-MOVE (peer pushes to our SCP) and C-GET (same association)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RetrieveResult:
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    stored: list[StoredInstance] = field(default_factory=list)   # filled for C-GET
+    cancelled: bool = False
+    status: int | None = None
+
+
+def _retrieve_identifier(study_uid: str, series_uid: str | None) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "SERIES" if series_uid else "STUDY"
+    ds.StudyInstanceUID = _check_uid(study_uid, "Study Instance UID")
+    if series_uid:
+        ds.SeriesInstanceUID = _check_uid(series_uid, "Series Instance UID")
+    return ds
+
+
+def _track(responses, op: str, peer: Peer, assoc, progress: ProgressFn | None,
+           cancel: CancelFn | None, destination: str = "") -> RetrieveResult:
+    res = RetrieveResult()
+    for status, _ident in responses:
+        if cancel is not None and cancel():
+            assoc.abort()
+            res.cancelled = True
+            log.info("%s from %s cancelled by the user", op, peer.ae_title)
+            return res
+        code = getattr(status, "Status", None)
+        if code is None:
+            raise NetworkError(f"{peer.name} stopped answering the {op} (timeout or aborted): "
+                               "try again or raise the timeout in Network settings.")
+        done = int(status.get("NumberOfCompletedSuboperations", 0) or 0)
+        fail = int(status.get("NumberOfFailedSuboperations", 0) or 0)
+        warn = int(status.get("NumberOfWarningSuboperations", 0) or 0)
+        left = int(status.get("NumberOfRemainingSuboperations", 0) or 0)
+        res.completed, res.failed, res.warning, res.status = done, fail, warn, code
+        total = done + fail + warn + left
+        if progress is not None:
+            progress(1.0 if code != 0xFF00 or total == 0 else (done + fail + warn) / total,
+                     f"{done + fail + warn} of {total} received" if total else "waiting for the PACS")
+        if code == 0xFF00:
+            continue
+        if code == 0xA801 or (op == "C-MOVE" and done == 0 and (code & 0xF000) == 0xC000):
+            raise NetworkError(f"{peer.name} refused the C-MOVE (status {code:#06x}): most likely it "
+                               f"does not know the move destination '{destination}'. Register that AE "
+                               "title with our host and port on the PACS, or use C-GET for this peer.")
+        if code not in (0x0000, 0xB000, 0xFE00):
+            raise NetworkError(f"{peer.name} refused the {op} (status {code:#06x}); "
+                               f"{fail} instance(s) failed.")
+    log.info("%s from %s: %d completed, %d failed, %d warnings", op, peer.ae_title,
+             res.completed, res.failed, res.warning)
+    return res
+
+
+def move(settings: NetworkSettings, peer: Peer, study_uid: str, series_uid: str | None = None,
+         destination: str | None = None, progress: ProgressFn | None = None,
+         cancel: CancelFn | None = None) -> RetrieveResult:
+    """C-MOVE a study or series to ``destination`` (default: our AE title; our SCP must run)."""
+    model = LEVEL_MODELS["STUDY"][1]
+    ident = _retrieve_identifier(study_uid, series_uid)
+    with _association(settings, peer, [(model, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]) as a:
+        dest = destination or settings.ae_title
+        return _track(a.send_c_move(ident, dest, model), "C-MOVE", peer, a, progress, cancel, dest)
+
+
+def get(settings: NetworkSettings, peer: Peer, study_uid: str, series_uid: str | None = None,
+        root: Path | None = None, progress: ProgressFn | None = None, cancel: CancelFn | None = None,
+        on_stored: StoredFn | None = None) -> RetrieveResult:
+    """C-GET a study or series over one association, filing instances into the store (PS3.4 C.4.3)."""
+    model = LEVEL_MODELS["STUDY"][2]
+    ident = _retrieve_identifier(study_uid, series_uid)
+    handler = _StoreHandler(root, on_stored)
+    contexts = [(model, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
+    contexts += [(uid, GET_TRANSFER_SYNTAXES) for uid in GET_STORAGE_CLASSES]
+    roles = [build_role(uid, scp_role=True) for uid in GET_STORAGE_CLASSES]
+    with _association(settings, peer, contexts, roles, [(evt.EVT_C_STORE, handler)]) as a:
+        res = _track(a.send_c_get(ident, model), "C-GET", peer, a, progress, cancel)
+    res.stored = list(handler.stored)
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# C-STORE to a peer
+# --------------------------------------------------------------------------------------------
+@dataclass
+class StoreResult:
+    sent: list[str] = field(default_factory=list)                     # SOP Instance UIDs
+    failed: list[tuple[str, str]] = field(default_factory=list)       # (SOP UID, reason)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def _as_dataset(item: Dataset | str | Path) -> Dataset:
+    if isinstance(item, Dataset):
+        return item
+    try:
+        return dcmread(str(item))
+    except Exception as exc:          # pydicom raises many types; tell the user which file
+        raise NetworkError(f"Cannot read {Path(str(item)).name} for sending ({exc}).") from exc
+
+
+def send(settings: NetworkSettings, peer: Peer, items: Iterable[Dataset | str | Path],
+         progress: ProgressFn | None = None) -> StoreResult:
+    """C-STORE datasets or files to ``peer`` (PS3.4 B) over one association."""
+    datasets = [_as_dataset(i) for i in items]
+    if not datasets:
+        return StoreResult()
+    contexts: dict[str, list[str]] = {}
+    for ds in datasets:
+        ts = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or ExplicitVRLittleEndian)
+        lst = contexts.setdefault(str(ds.SOPClassUID), [])
+        for t in [ts] + ([ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+                         if ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) else []):
+            if t not in lst:
+                lst.append(t)
+    if len(contexts) > 128:
+        raise NetworkError("More than 128 different SOP classes in one send: send in smaller batches.")
+    res = StoreResult()
+    with _association(settings, peer, list(contexts.items())) as a:
+        for i, ds in enumerate(datasets):
+            uid = str(ds.SOPInstanceUID)
+            try:
+                status = a.send_c_store(ds)
+                code = getattr(status, "Status", None)
+            except (ValueError, RuntimeError) as exc:      # no accepted context for this dataset
+                res.failed.append((uid, f"not accepted by the peer ({exc})"))
+                continue
+            if code is None:
+                res.failed.append((uid, "no response (timeout or aborted)"))
+            elif code == 0x0000 or (code & 0xF000) == 0xB000:
+                res.sent.append(uid)
+            else:
+                res.failed.append((uid, f"status {code:#06x}"))
+            if progress is not None:
+                progress((i + 1) / len(datasets), f"sent {i + 1} of {len(datasets)}")
+    log.info("C-STORE to %s: %d sent, %d failed", peer.ae_title, len(res.sent), len(res.failed))
+    return res

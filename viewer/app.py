@@ -1,0 +1,59 @@
+"""Start the ChestView viewer: ``run_viewer(paths)`` (used by ``main.py view`` / ``run-demo``)."""
+from __future__ import annotations
+
+import logging
+import sys
+
+from PySide6.QtCore import Qt, QTimer
+from PySide6.QtWidgets import QApplication
+
+_IMMORTAL = 1 << 40
+
+
+def protect_singletons() -> bool:
+    """Work around PySide6 6.12 on CPython < 3.12: its abi3 build returns ``Py_True``/``Py_None``
+    without a new reference (it assumes PEP 683 immortal objects), so every ``Signal.emit()`` drops
+    True's refcount by one and every void Qt call drops None's. After some thousands of emits
+    CPython aborts with "bool_dealloc: deallocating True or False" (seen here after ~600 emits in
+    a bare process). Giving True/False/None/Ellipsis/NotImplemented an effectively infinite
+    refcount makes them immortal as on 3.12+. Idempotent; a no-op on 3.12+. Returns True if applied.
+    """
+    if sys.version_info >= (3, 12):
+        return False
+    import ctypes
+
+    for obj in (True, False, None, Ellipsis, NotImplemented):
+        ref = ctypes.c_ssize_t.from_address(id(obj))
+        if ref.value < _IMMORTAL:
+            ref.value += _IMMORTAL
+    return True
+
+
+protect_singletons()
+
+
+def create_app(argv: list[str] | None = None) -> QApplication:
+    """The QApplication (reused if one exists) with the dark theme applied."""
+    from viewer.style import apply_dark_theme
+
+    app = QApplication.instance()
+    if app is None:
+        QApplication.setHighDpiScaleFactorRoundingPolicy(Qt.HighDpiScaleFactorRoundingPolicy.PassThrough)
+        app = QApplication(argv if argv is not None else sys.argv[:1])
+    app.setApplicationName("ChestView")
+    app.setOrganizationName("ChestView")
+    apply_dark_theme(app)
+    return app
+
+
+def run_viewer(paths: list[str]) -> int:
+    """Open the main window on ``paths`` (folders, DICOMDIRs, ZIPs or files); returns the exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    app = create_app()
+    from viewer.main_window import MainWindow
+
+    win = MainWindow()
+    win.show()
+    for i, p in enumerate(paths):
+        QTimer.singleShot(0, lambda p=p, i=i: win.open_path(p, select=(i == 0)))
+    return int(app.exec())

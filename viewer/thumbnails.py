@@ -1,0 +1,89 @@
+"""Series thumbnails, rendered off the GUI thread (the middle image, default VOI, MONOCHROME1 inverted).
+
+``thumbnail_array`` is pure (runs in a worker); ``ThumbnailLoader`` queues it on a one-thread
+pool so thumbnails never compete with the image the user is waiting for, and converts the result
+to a QImage on the GUI thread.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PySide6.QtCore import QObject, Signal
+from PySide6.QtGui import QImage
+
+from viewer.qt_workers import TaskRunner
+
+
+def downscale(img: np.ndarray, size: int) -> np.ndarray:
+    """Box-filter downscale so the longer side is about ``size`` pixels (no aliasing speckle)."""
+    h, w = img.shape[:2]
+    f = max(1, int(np.ceil(max(h, w) / size)))
+    h2, w2 = h // f * f, w // f * f
+    x = img[:h2, :w2].astype(np.float32)
+    if x.ndim == 2:
+        x = x.reshape(h2 // f, f, w2 // f, f).mean(axis=(1, 3))
+    else:
+        x = x.reshape(h2 // f, f, w2 // f, f, x.shape[2]).mean(axis=(1, 3))
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def thumbnail_array(series, size: int = 96) -> np.ndarray:
+    """uint8 (h, w) or (h, w, 3) thumbnail of the series' middle image. Raises LoadError."""
+    from engine.dicom.pixels import load_frame, render_display
+
+    inst = series.instances[len(series.instances) // 2]
+    frame_idx = (inst.frames // 2) if len(series.instances) == 1 and inst.frames > 1 else 0
+    frame = load_frame(inst.path, frame_idx)
+    return downscale(render_display(frame), size)
+
+
+def to_qimage(arr: np.ndarray) -> QImage:
+    """numpy uint8 grey/RGB -> an owning QImage."""
+    arr = np.ascontiguousarray(arr)
+    h, w = arr.shape[:2]
+    if arr.ndim == 2:
+        return QImage(arr.data, w, h, arr.strides[0], QImage.Format.Format_Grayscale8).copy()
+    return QImage(arr.data, w, h, arr.strides[0], QImage.Format.Format_RGB888).copy()
+
+
+class ThumbnailLoader(QObject):
+    """Emits ``ready(series_uid, QImage)`` per series; failures emit ``failed(series_uid, reason)``."""
+
+    ready = Signal(str, QImage)
+    failed = Signal(str, str)
+
+    def __init__(self, parent: QObject | None = None, size: int = 96):
+        super().__init__(parent)
+        self.size = size
+        self.runner = TaskRunner(self, max_threads=1)
+        self.cache: dict[str, QImage] = {}
+        self._pending: set[str] = set()
+
+    def request(self, series_list) -> None:
+        for s in series_list:
+            uid = s.series_uid
+            if uid in self.cache:
+                self.ready.emit(uid, self.cache[uid])
+                continue
+            if uid in self._pending or not s.instances:
+                continue
+            self._pending.add(uid)
+            self.runner.submit(thumbnail_array, s, self.size,
+                               on_result=lambda a, uid=uid: self._done(uid, a),
+                               on_error=lambda e, uid=uid: self._fail(uid, e))
+
+    def _done(self, uid: str, arr: np.ndarray) -> None:
+        self._pending.discard(uid)
+        img = to_qimage(arr)
+        self.cache[uid] = img
+        self.ready.emit(uid, img)
+
+    def _fail(self, uid: str, exc: BaseException) -> None:
+        self._pending.discard(uid)
+        self.failed.emit(uid, str(getattr(exc, "reason", exc)))
+
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def cancel(self) -> None:
+        self.runner.pool.clear()
+        self._pending.clear()
