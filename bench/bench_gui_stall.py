@@ -29,8 +29,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--idle-s", type=float, default=3.0, help="idle baseline duration")
     ap.add_argument("--repeat", type=int, default=1, help="warm CT runs")
-    ap.add_argument("--stacks", type=int, default=6, help="longest gaps to print with worker stacks")
+    ap.add_argument("--stacks", type=int, default=3, help="longest gaps per phase to print with worker stacks")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads (CHESTVIEW_THREADS); 0 = the viewer's policy: physical cores - 1")
     args = ap.parse_args()
+    if args.threads:
+        os.environ["CHESTVIEW_THREADS"] = str(args.threads)
+    else:   # what the viewer does (AIController): one core left for the GUI thread
+        from viewer.ai_controller import leave_a_core_for_the_gui
+
+        leave_a_core_for_the_gui()
 
     from PySide6.QtCore import QEventLoop, QTimer
     from PySide6.QtWidgets import QApplication
@@ -127,8 +135,10 @@ def main() -> int:
               f"{'OK' if worst < 50 else 'over target'}")
     if long_gaps:
         print(f"\nLongest gaps ({len(long_gaps)} over 50 ms in total), worker frames sampled after the gap:")
-        for g, name, lab, st in sorted(long_gaps, reverse=True)[:args.stacks]:
-            print(f"  {g:7.1f} ms  [{name} / {lab}]  {st or '(no engine frame)'}")
+        for r in rows:
+            mine = sorted((x for x in long_gaps if x[1] == r["phase"]), reverse=True)[:args.stacks]
+            for g, name, lab, st in mine:
+                print(f"  {g:7.1f} ms  [{name} / {lab}]  {st or '(no engine frame)'}")
     out = REPO / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "gui_stall.json").write_text(json.dumps(

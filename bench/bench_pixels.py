@@ -67,6 +67,7 @@ def bench_display(path: str) -> dict:
         y = px.apply_voi(frame.values, frame.window[0], frame.window[1], frame.voi_function)
         return np.rint(y * 255.0).astype(np.uint8)
 
+    load_ms = 1000.0 / _rate(lambda: px.load_frame(path))
     rows = {
         "naive pydicom LUTs (baseline)": _rate(naive),
         "render_display default window": _rate(lambda: px.render_display(frame)),
@@ -74,10 +75,12 @@ def bench_display(path: str) -> dict:
         "apply_voi + rint (unfused)": _rate(float_path),
     }
     base = rows["naive pydicom LUTs (baseline)"]
-    print(f"\nrender_display on {Path(path).name} {frame.values.shape}")
+    print(f"\nload_frame (read + decode + Modality LUT) of {Path(path).name}: {load_ms:.1f} ms")
+    print(f"render_display on {Path(path).name} {frame.values.shape}")
     print(f"{'method':34s} {'frames/s':>9s} {'vs baseline':>12s}")
     for k, v in rows.items():
         print(f"{k:34s} {v:9.0f} {v / base:11.1f}x")
+    rows["load_frame ms"] = load_ms
     return rows
 
 

@@ -51,35 +51,52 @@ def main() -> int:
     vp = iv.graphics.viewport()
     iv.set_stack(VolumeSource(vol), window=(-600, 1500))
     QCoreApplication.processEvents()
-    n = 3 * nz
+    n = 2 * nz
     rows = []
+    ii = iv.image_item
 
-    # baseline: slices already windowed to uint8 (the cheapest possible push + paint)
+    # baseline: slices already windowed to uint8 (the cheapest possible push)
     pre = [np.rint(apply_voi(vol.hu[i], -600, 1500) * 255).astype(np.uint8) for i in range(nz)]
 
     def base(i):
-        iv.image_item.setImage(pre[i % nz], autoLevels=False, levels=(0, 255), lut=None)
-        vp.repaint()
-    f_base = _fps(base, n)
-    rows.append(("baseline: pre-windowed uint8 setImage + paint", f_base))
+        ii.setImage(pre[i % nz], autoLevels=False, levels=(0, 255), lut=None)
+        ii.render()
 
-    def viewer(i):  # the viewer's path: int16 HU + levels + 256-entry LUT
+    def viewer(i):  # the viewer's path: int16 HU + levels + 256-entry LUT + annotations
         iv.set_slice(i % nz)
-        vp.repaint()
-    iv.set_slice(0)
-    f_view = _fps(viewer, n)
-    rows.append(("viewer: set_slice (HU levels + LUT) + annotations + paint", f_view))
+        ii.render()
 
     def voi_path(i):  # alternative: apply_voi to float32 [0,1] per slice, then push
         g = apply_voi(vol.hu[i % nz], -600, 1500)
-        iv.image_item.setImage(g, autoLevels=False, levels=(0.0, 1.0), lut=None)
-        vp.repaint()
-    rows.append(("alternative: apply_voi float32 per slice + paint", _fps(voi_path, n)))
+        ii.setImage(g, autoLevels=False, levels=(0.0, 1.0), lut=None)
+        ii.render()
 
     def wl(i):  # W/L drag on one slice
         iv.set_window(-600 + (i % 50) * 10, 1500 + (i % 30) * 20)
-        vp.repaint()
-    rows.append(("W/L change on one slice + paint", _fps(wl, n)))
+        ii.render()
+
+    def painted(fn):
+        def g(i):
+            fn(i)
+            vp.repaint()
+        return g
+
+    cases = [("baseline: pre-windowed uint8 setImage", base),
+             ("viewer: set_slice (int16 HU, levels + LUT, annotations)", viewer),
+             ("alternative: apply_voi float32 per slice", voi_path),
+             ("W/L change on the same slice", wl)]
+    best: dict[str, list[float]] = {}
+    for _round in range(3):   # interleaved rounds, best of 3: the machine is shared
+        for name, fn in cases:
+            iv.set_stack(VolumeSource(vol), window=(-600, 1500))
+            r = _fps(fn, n)
+            p = _fps(painted(fn), n // 2)
+            b = best.setdefault(name, [0.0, 0.0])
+            b[0], b[1] = max(b[0], r), max(b[1], p)
+    f_base = best[cases[0][0]][0]
+    p_base = best[cases[0][0]][1]
+    for name, _ in cases:
+        rows.append((name, best[name][0], best[name][1]))
 
     items, step = _series_items(ct)
     src = FrameSource(items, reading_step=step)
@@ -87,10 +104,11 @@ def main() -> int:
 
     def cold(i):  # before the volume is loaded: decode from file each slice (cache empty)
         iv.set_slice(i)
-        vp.repaint()
+        ii.render()
     src.cache.clear()
-    rows.append(("files, cold (decode per slice) + paint", _fps(cold, nz)))
-    rows.append(("files, cached + paint", _fps(lambda i: cold(i % nz), n)))
+    f_cold = _fps(cold, nz)
+    rows.append(("files before the volume is ready: decode each slice", f_cold, float("nan")))
+    rows.append(("files, cached", _fps(lambda i: cold(i % nz), n), float("nan")))
     iv.close()
 
     # time to first image through the main window (viewer only: AI controller disabled)
@@ -123,10 +141,11 @@ def main() -> int:
         w.close()
         w.runner.wait_done(10000)
 
-    print(f"\nViewer slice-change speed, 512x512 CT ({nz} slices), view 900x900 offscreen")
-    print(f"{'path':62s} {'frames/s':>9s} {'vs baseline':>11s}")
-    for name, f in rows:
-        print(f"{name:62s} {f:9.0f} {f / f_base:10.2f}x")
+    print(f"\nViewer slice-change speed, 512x512 CT ({nz} slices), 900x900 view, offscreen, best of 3")
+    print(f"{'path':58s} {'update/s':>9s} {'vs base':>8s} {'+paint/s':>9s} {'vs base':>8s}")
+    for name, f, p in rows:
+        ptxt = f"{p:9.0f} {p / p_base:7.2f}x" if p == p else f"{'-':>9s} {'-':>8s}"
+        print(f"{name:58s} {f:9.0f} {f / f_base:7.2f}x {ptxt}")
     print("\nTime to first image (open folder -> image on screen, includes indexing)")
     for label, first, v in ttfi:
         extra = f"   volume ready (MPR) {v * 1000:.0f} ms" if v is not None else ""

@@ -350,7 +350,7 @@ class Analyzer:
 
         t = time.perf_counter()
         _report(progress, 0.02, "reading the CT series")
-        vol = load_volume(series)
+        vol = load_volume(series, progress=lambda f, m: _report(progress, 0.02 + 0.1 * f, m), cancel=cancel)
         load_ms = (time.perf_counter() - t) * 1000.0
         _check(cancel)
         res = self.analyze_volume(series, vol, want_heatmaps=want_heatmaps, progress=progress, cancel=cancel)

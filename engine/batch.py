@@ -239,6 +239,13 @@ def finalize(out: Path, plan: BatchPlan, journal: Journal, deid: Deidentifier, r
     recs = journal.records([t.key for t in plan.studies])
     rows = [r for rec in recs for r in rec.get("rows", [])]
     models = collect_models(m for rec in recs for m in rec.get("models", []))
+    if not models:  # nothing was analysed: still name the models this installation would use
+        try:
+            from engine.models.registry import list_model_infos
+
+            models = collect_models(asdict(m) for m in list_model_infos())
+        except Exception:
+            models = []
     problems = [{"path": deid.scrub(p["path"]), "reason": deid.scrub(p["reason"])} for p in plan.problems]
     run = dict(run, studies_planned=len(plan.studies), studies_in_report=len(recs))
     results = build_results(rows, problems, models, input_path=str(plan.input), files_seen=plan.files_seen,
@@ -388,6 +395,8 @@ def run_batch(opts: BatchOptions, *, progress: Callable[[int, int, float, float]
                         rate = summary.studies_done / el * 60.0 if el > 0 else 0.0
                         eta = (summary.studies_total - done) / (rate / 60.0) if rate > 0 else float("nan")
                         progress(done, summary.studies_total, rate, eta)
+        if cancel is not None and cancel():
+            summary.cancelled = True
         seconds = time.perf_counter() - t_start
         loop_s = time.perf_counter() - t_loop
         run = {"generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

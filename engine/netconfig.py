@@ -41,7 +41,7 @@ def validate_port(port: int, what: str = "port") -> int:
 class TLSSettings:
     """Optional DICOM TLS (PS3.15 B.9 'BCP 195 TLS Secure Transport Connection Profile')."""
 
-    enabled: bool = False
+    enabled: bool = False        # our storage SCP speaks TLS only; SCU connections use TLS per Peer.tls
     cert_file: str = ""          # our certificate (PEM), presented as SCP and, if set, as SCU
     key_file: str = ""           # its private key (PEM)
     ca_file: str = ""            # CA bundle / peer certificates we trust (PEM); empty = system CAs

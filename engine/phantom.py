@@ -124,6 +124,11 @@ def _lung_masks(x, y, z: float) -> tuple[np.ndarray, np.ndarray]:
 
 def label_slice(k: int, geom: PhantomGeometry = PhantomGeometry()) -> np.ndarray:
     """uint8 tissue labels of slice k (noise free)."""
+    return _label_and_lungs(k, geom)[0]
+
+
+def _label_and_lungs(k: int, geom: PhantomGeometry) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels plus the right and left lung masks of slice k."""
     x, y = _grid(geom.size, geom.pixel_mm)
     z = geom.z_of(k)
     shape = (geom.size, geom.size)
@@ -177,7 +182,7 @@ def label_slice(k: int, geom: PhantomGeometry = PhantomGeometry()) -> np.ndarray
             rr = math.sqrt(r * r - dz * dz)
             m = _ellipse(x, y, c[0], c[1], rr, rr) & lungs & (lab != L_VESSEL)
             lab[m] = code
-    return lab
+    return lab, right, left
 
 
 def _lung_mask_with_sides(k: int, geom: PhantomGeometry) -> tuple[np.ndarray, np.ndarray]:
@@ -220,8 +225,7 @@ def phantom_truth(geom: PhantomGeometry = PhantomGeometry()) -> PhantomTruth:
     n = dict(right=0, left=0, air=0, ggo=0, cons=0, airway=0)
     lesion_slices = []
     for k in range(geom.n_slices):
-        lab = label_slice(k, geom)
-        right, left = _lung_mask_with_sides(k, geom)
+        lab, right, left = _label_and_lungs(k, geom)
         n["right"] += int(right.sum())
         n["left"] += int(left.sum())
         lungs = right | left

@@ -162,6 +162,19 @@ class InferActor:
         return {"key": batch["key"], "order": batch["order"], "outcome": outs}
 
 
+def _quiet_ray_data(ray) -> None:
+    """Our own progress line replaces Ray Data's progress bars and per-stage log blocks."""
+    import logging
+
+    ctx = ray.data.DataContext.get_current()
+    for attr, value in (("enable_progress_bars", False), ("print_on_execution_start", False),
+                        ("enable_operator_progress_bars", False)):
+        if hasattr(ctx, attr):
+            setattr(ctx, attr, value)
+    for name in ("ray.data", "ray.data._internal.execution.streaming_executor"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def _cluster_gpus(ray) -> float:
     try:
         return float(ray.cluster_resources().get("GPU", 0.0))
@@ -192,6 +205,7 @@ def run_batch_ray(opts: BatchOptions, *, address: str | None = None, num_cpus: i
             init_kw["num_cpus"] = num_cpus or os.cpu_count() or 2
         ray.init(**init_kw)
         started_here = True
+    _quiet_ray_data(ray)
     journal = Journal(out)
     journal.open({"schema": "chestview-batch/1", "deidentify": bool(opts.deidentify),
                   "input": "<de-identified>" if opts.deidentify else str(inp)})

@@ -219,7 +219,7 @@ def build_row(patient: Any, study: Any, series: Any, result: Any | None, *, erro
             heatmap_target=hm.target if hm is not None and thumbnail else None,
             heatmap_slice=hm.slice_index if hm is not None and thumbnail else None,
         )
-        row["warnings"] += [deid.scrub(w) for w in result.warnings]
+        row["warnings"] = list(dict.fromkeys(row["warnings"] + [deid.scrub(w) for w in result.warnings]))
         error = error or result.error
         timings.update({k: round(float(t), 1) for k, t in (result.timings_ms or {}).items()})
     row["error"] = deid.scrub(error) if error else None
@@ -281,8 +281,9 @@ def write_thumbnail(out_dir: str | Path, series_uid: str, decoded: Any, result: 
             idx = hm.slice_index
         else:
             hm = None
-    elif len(thumbs) > 1:
-        idx = len(thumbs) // 2
+    elif len(thumbs) > 1:  # CT without a heatmap: the most suspicious scored slice, else the middle
+        scores = [c for c in (getattr(result, "ct_slice_scores", None) or []) if 0 <= c.slice_index < len(thumbs)]
+        idx = max(scores, key=lambda c: c.probability).slice_index if scores else len(thumbs) // 2
     img = render_thumbnail(thumbs[idx], hm.array if hm is not None else None)
     info = PngImagePlugin.PngInfo()
     info.add_text("Comment", RESEARCH_USE)

@@ -36,6 +36,7 @@ class TrainConfig:
     threads: int = 2
     samples_per_epoch: int = 0     # 0 = size of the training set
     log_every: int = 10
+    bf16: bool = False             # CPU autocast to bfloat16 (AVX512-BF16/AMX CPUs: ~1.4x faster here)
     extra: dict = field(default_factory=dict)
 
 
@@ -149,7 +150,8 @@ def fit(model, x_train, loss_fn: Callable, evaluate: Callable, cfg: TrainConfig,
             xb = x_train[idx].float()
             if augment is not None:
                 xb = augment(xb, generator=gen)
-            loss = loss_fn(model, xb.to(device), idx)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss = loss_fn(model, xb.to(device), idx)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -159,7 +161,8 @@ def fit(model, x_train, loss_fn: Callable, evaluate: Callable, cfg: TrainConfig,
                 log(f"[train] epoch {epoch + 1}/{cfg.epochs} step {s + 1}/{steps_per_epoch} "
                     f"loss {run_loss / (s + 1):.4f} {(s + 1) * cfg.batch / el:.1f} img/s")
         model.eval()
-        score, metrics = evaluate(model)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            score, metrics = evaluate(model)
         dt = time.time() - t0
         hist["train_seconds"] += dt
         rec = {"epoch": epoch + 1, "loss": run_loss / steps_per_epoch, "val_score": score,
@@ -229,6 +232,7 @@ def xray_task(ds, cfg: TrainConfig, balance: str):
         out = model(xb)
         c = cov[idx]
         keep = c >= 0
+        out = {k: v.float() for k, v in out.items()}
         l_cov = F.cross_entropy(out["covid"][keep], c[keep], label_smoothing=0.05) if keep.any() else 0.0
         m = pmask[idx]
         bce = F.binary_cross_entropy_with_logits(out["pathologies"], ptgt[idx], reduction="none")
@@ -242,7 +246,7 @@ def xray_task(ds, cfg: TrainConfig, balance: str):
 
     def evaluate(model):
         out = predict(model, xv)
-        p = torch.softmax(out["covid"], 1)[:, 0].numpy()
+        p = torch.softmax(out["covid"].float(), 1)[:, 0].numpy()
         auc_all = M.roc_auc(y_cov, p)
         sel = src == "ieee8023"
         auc_ieee = M.roc_auc(y_cov[sel], p[sel])
@@ -266,11 +270,11 @@ def ct_task(ds, cfg: TrainConfig, balance: str):
     yv = ct_targets([ds.rows[i] for i in va]).numpy()
 
     def loss_fn(model, xb, idx):
-        return F.cross_entropy(model(xb.expand(-1, 3, -1, -1)), y[idx], label_smoothing=0.05)
+        return F.cross_entropy(model(xb.expand(-1, 3, -1, -1)).float(), y[idx], label_smoothing=0.05)
 
     def evaluate(model):
         logits = predict(model, xv.expand(-1, 3, -1, -1))
-        p = torch.softmax(logits, 1)[:, 1].numpy()
+        p = torch.softmax(logits.float(), 1)[:, 1].numpy()
         auc = M.roc_auc(yv, p)
         return auc, {"auc_covid": auc, "acc@0.5": float(((p >= 0.5) == yv).mean())}
 
@@ -290,7 +294,8 @@ def build_model(kind: str, variant: str = "googlenet"):
 def run_training(kind: str, data: str, out: str, *, epochs: int | None = None, size: int | None = None,
                  batch: int = 16, lr: float = 1e-3, budget_min: float = 0.0, patience: int = 5,
                  seed: int = 0, threads: int = 2, resume: bool = False, balance: str = "source",
-                 variant: str = "googlenet", log: Callable[[str], None] = print) -> dict:
+                 variant: str = "googlenet", bf16: bool = False, log_every: int = 10,
+                 log: Callable[[str], None] = print) -> dict:
     import torch
 
     from engine.datasets import load_ct_set, load_xray_set
@@ -304,6 +309,7 @@ def run_training(kind: str, data: str, out: str, *, epochs: int | None = None, s
     check_no_patient_leak(ds.rows)
     cfg = TrainConfig(epochs=epochs or (12 if kind == "xray" else 30), batch=batch, lr=lr,
                       budget_s=budget_min * 60, patience=patience, seed=seed, threads=threads,
+                      bf16=bf16, log_every=log_every,
                       extra={"kind": kind, "size": size, "balance": balance, "variant": variant,
                              "data": str(Path(data).resolve())})
     task = xray_task if kind == "xray" else ct_task
@@ -349,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--balance", choices=["source", "none"], default="source",
                    help="source-balanced sampling (shortcut mitigation) or plain class frequencies")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster on CPUs with AVX512-BF16/AMX)")
+    p.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
     p.add_argument("--variant", choices=["googlenet", "inception_v3"], default="googlenet", help="CT network")
     return p
 
@@ -357,7 +365,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     run_training(a.kind, a.data, a.out, epochs=a.epochs, size=a.size, batch=a.batch, lr=a.lr,
                  budget_min=a.budget_min, patience=a.patience, seed=a.seed, threads=a.threads,
-                 resume=a.resume, balance=a.balance, variant=a.variant,
+                 resume=a.resume, balance=a.balance, variant=a.variant, bf16=a.bf16, log_every=a.log_every,
                  log=lambda s: print(s, flush=True))
     return 0
 

@@ -56,9 +56,9 @@ if [ "$ARCHIVE" = 1 ]; then
     rm -f "$TARBALL"
     # gzip is single-threaded; pigz (if installed) uses every core and writes the same format.
     if command -v pigz >/dev/null 2>&1; then
-        tar -C dist -cf - "$NAME" | pigz -6 > "$TARBALL.part"
+        tar -C dist -cf - "$NAME" | pigz -"${CHESTVIEW_GZIP_LEVEL:-6}" > "$TARBALL.part"
     else
-        tar -C dist -cf - "$NAME" | gzip -6 > "$TARBALL.part"
+        tar -C dist -cf - "$NAME" | gzip -"${CHESTVIEW_GZIP_LEVEL:-6}" > "$TARBALL.part"
     fi
     mv "$TARBALL.part" "$TARBALL"
     ARCHIVE_BYTES=$(stat -c %s "$TARBALL")

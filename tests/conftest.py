@@ -36,3 +36,23 @@ def artifacts_dir() -> Path:
     """Folder for screenshots and reports the tests save for humans to look at."""
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+# Addition (viewer engineer): PySide6 6.12's abi3 wheel on CPython 3.11 returns Py_True/Py_None
+# without a new reference (it assumes PEP 683 immortal objects, 3.12+): every Signal.emit() drops
+# True's refcount by one and void Qt calls drop None's, until CPython aborts with "bool_dealloc:
+# deallocating True or False". Make them immortal as on 3.12 for the whole test session (the app
+# does the same in viewer.app.protect_singletons).
+def _protect_singletons() -> None:
+    import ctypes
+    import sys
+
+    if sys.version_info >= (3, 12):
+        return
+    for obj in (True, False, None, Ellipsis, NotImplemented):
+        ref = ctypes.c_ssize_t.from_address(id(obj))
+        if ref.value < (1 << 40):
+            ref.value += 1 << 40
+
+
+_protect_singletons()

@@ -28,13 +28,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def ensure_orthanc(timeout_s: int = 600) -> str | None:
+_install_failed = False      # tried once in this process and failed: later modules skip at once
+
+
+def ensure_orthanc(timeout_s: int = 300) -> str | None:
     """Path of the Orthanc binary; apt-get installs Debian's ``orthanc`` if needed (root only)."""
+    global _install_failed
     exe = shutil.which("Orthanc") or (("/usr/sbin/Orthanc") if Path("/usr/sbin/Orthanc").exists() else None)
     if exe:
         return exe
-    if not shutil.which("apt-get") or os.geteuid() != 0:
+    if _install_failed or not shutil.which("apt-get") or os.geteuid() != 0:
         return None
+    _install_failed = True
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     try:
         subprocess.run(["apt-get", "update", "-q"], env=env, check=True, timeout=timeout_s,
@@ -44,7 +49,9 @@ def ensure_orthanc(timeout_s: int = 600) -> str | None:
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     except (subprocess.SubprocessError, OSError):
         return None
-    return shutil.which("Orthanc") or (("/usr/sbin/Orthanc") if Path("/usr/sbin/Orthanc").exists() else None)
+    exe = shutil.which("Orthanc") or (("/usr/sbin/Orthanc") if Path("/usr/sbin/Orthanc").exists() else None)
+    _install_failed = exe is None
+    return exe
 
 
 class OrthancServer:

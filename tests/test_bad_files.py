@@ -10,7 +10,6 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -20,6 +19,8 @@ from pydicom.uid import (CTImageStorage, DeflatedExplicitVRLittleEndian, Explici
 from engine.dicom.index import index_path
 from engine.dicom.pixels import load_frame, read_header, render_display
 from engine.errors import LoadError
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns on the broken input
 
 
 def _image_ds(rows: int = 8, cols: int = 8, pixel_bytes: bytes | None = None) -> Dataset:

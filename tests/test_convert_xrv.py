@@ -20,6 +20,18 @@ from engine.models.densenet_xray import XRV_PATHOLOGIES, XRayDenseNet
 pytestmark = pytest.mark.filterwarnings("ignore:Couldn't retrieve source code")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: faster than two on a shared CI core for these small batches."""
+    from engine.models.devices import configure_threads
+
+    configure_threads()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def fake_xrv():
     """A module named torchxrayvision.models whose DenseNet mimics xrv's pickled layout."""

@@ -182,3 +182,40 @@ def test_progress_and_cancel(demo_dir: Path) -> None:
 def test_missing_path_is_a_problem(tmp_path: Path) -> None:
     res = index_path(tmp_path / "nope")
     assert not res.patients and "not found" in res.problems[0].reason
+
+
+def _snapshot(res) -> tuple:
+    from dataclasses import asdict
+
+    return ([asdict(p) for p in res.patients], sorted((p.path, p.reason) for p in res.problems))
+
+
+@pytest.mark.parametrize("which", ["pydicom", "pydicom-data", "charsets"])
+def test_fast_header_walk_equals_pydicom(which: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bounded header walk gives exactly what pydicom's reader gives, on ~240 package files
+    (explicit/implicit/big endian, deflate, DICOMDIRs, broken files, private sequences)."""
+    import warnings
+
+    from pydicom.data import get_testdata_file
+
+    from engine.dicom import index as idx
+
+    name = "CT_small.dcm" if which == "pydicom" else "RG1_UNCR.dcm"
+    root = Path(get_testdata_file(name)).parent
+    if which == "charsets":  # ISO 2022 / GB18030 / UTF-8 names: the walk must defer to pydicom
+        root = Path(pydicom.__file__).parent / "data" / "charset_files"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = idx.index_path(root)
+        monkeypatch.setattr(idx, "USE_FAST_PATH", False)
+        slow = idx.index_path(root)
+    assert fast.files_seen == slow.files_seen > (10 if which == "charsets" else 50)
+    assert _snapshot(fast) == _snapshot(slow)
+
+
+def test_fast_header_walk_equals_pydicom_on_shared(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.dicom import index as idx
+
+    fast = idx.index_path(shared_data / "dicom")
+    monkeypatch.setattr(idx, "USE_FAST_PATH", False)
+    assert _snapshot(fast) == _snapshot(idx.index_path(shared_data / "dicom"))

@@ -292,3 +292,18 @@ def test_frame_fields_and_budget_constant() -> None:
 def test_budget_refuses_before_decoding() -> None:
     with pytest.raises(LoadError, match="budget"):
         load_frame(tf("RG1_UNCR.dcm"), budget_bytes=1 << 20)
+
+
+def test_presentation_lut_inverse_displays_inverted(tmp_path: Path) -> None:
+    """MONOCHROME2 with Presentation LUT Shape INVERSE (PS3.3 C.11.6) is shown like MONOCHROME1."""
+    from pydicom import dcmread
+
+    ds = dcmread(tf("MR_small.dcm"))
+    plain = load_frame(tf("MR_small.dcm"))
+    ds.PresentationLUTShape = "INVERSE"
+    p = tmp_path / "inverse.dcm"
+    ds.save_as(p)
+    f = load_frame(p)
+    assert f.photometric == "MONOCHROME2" and f.monochrome1 and f.presentation_lut_shape == "INVERSE"
+    np.testing.assert_allclose(display_gray01(f), 1.0 - display_gray01(plain), atol=1e-6)
+    assert not plain.monochrome1

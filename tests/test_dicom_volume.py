@@ -181,3 +181,33 @@ def test_budget_cancel_and_errors(small_dir: Path) -> None:
     seen: list[float] = []
     load_volume(s, progress=lambda f, m: seen.append(f))
     assert seen[-1] == 1.0
+
+
+def test_peak_memory_is_about_one_volume(demo_dir: Path) -> None:
+    """Slices are decoded into a preallocated array: no second copy of the volume."""
+    import tracemalloc
+
+    s = index_path(demo_dir / "CT_PHANTOM").all_series()[0]
+    tracemalloc.start()
+    try:
+        v = load_volume(s)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.25 * v.hu.nbytes, (peak >> 20, v.hu.nbytes >> 20)
+
+
+def test_enhanced_multiframe_ct() -> None:
+    """Enhanced CT (PS3.3 A.38): per-frame positions and shared functional groups."""
+    from pydicom.data import get_testdata_file
+
+    from engine.dicom.pixels import load_frame
+
+    p = get_testdata_file("eCT_Supplemental.dcm")
+    f = load_frame(p, 1)
+    assert (f.rescale_slope, f.rescale_intercept) == (1.0, -1024.0)   # PixelValueTransformation
+    assert f.window == (49.0, 102.0)                                    # FrameVOILUT
+    assert f.spacing_source == "PixelSpacing (functional group)"
+    v = load_volume(index_path(p).all_series()[0])
+    assert v.hu.shape == (2, 512, 512) and v.positions == [149.0, 159.0]
+    assert v.spacing[0] == 10.0 and v.hu.min() == -1024

@@ -13,6 +13,18 @@ from engine.preprocess.xray import prepare_xray
 SIZE = 32
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny ops: one intra-op thread is faster than two, and much faster on a shared CI core."""
+    from engine.models.devices import configure_threads
+
+    configure_threads()          # the once-per-process setup happens now, not inside the test
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class TinyNet(nn.Module):
     """Same interface as XRayDenseNet/CTInception: feature_map (in-place ReLU, like torchvision) + head."""
 

@@ -265,3 +265,26 @@ def test_get_returns_identical_pixels(pacs, sources, tmp_path):
     rec = res.stored[0]
     assert rec.path == tmp_path / cr.StudyInstanceUID / cr.SeriesInstanceUID / f"{cr.SOPInstanceUID}.dcm"
     np.testing.assert_array_equal(_pixels(rec.path), cr.pixel_array)
+
+
+def test_tls_to_orthanc(tmp_path, sources):
+    """Our SCU over TLS to Orthanc's DICOM TLS listener (Orthanc >= 1.9); plain TCP is refused."""
+    exe = ensure_orthanc()
+    if exe is None:
+        pytest.skip("Debian 'orthanc' is not installed and cannot be installed here (needs root + apt)")
+    cert, key = _self_signed(tmp_path)
+    server = OrthancServer(exe, tmp_path / "pacs", tls={
+        "DicomTlsEnabled": True, "DicomTlsCertificate": str(cert), "DicomTlsPrivateKey": str(key),
+        "DicomTlsTrustedCertificates": str(cert), "DicomTlsRemoteCertificateRequired": False})
+    try:
+        server.start()
+        settings = NetworkSettings(ae_title="CHESTVIEW", timeout_s=10, tls=TLSSettings(ca_file=str(cert)))
+        secure = Peer("TLS PACS", "ORTHANC", "127.0.0.1", server.dicom_port, tls=True)
+        assert net.echo(settings, secure) > 0
+        assert net.send(settings, secure, sources["ct"]).ok
+        found = net.find_studies(settings, secure, net.StudyQuery(patient_id=SECRET_ID))
+        assert len(found) == 1 and found[0].n_instances == 3
+        with pytest.raises(net.NetworkError, match="Could not connect"):
+            net.echo(settings, Peer("plain", "ORTHANC", "127.0.0.1", server.dicom_port, tls=False))
+    finally:
+        server.stop()

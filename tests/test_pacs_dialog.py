@@ -92,6 +92,8 @@ def test_search_and_retrieve_into_browser(qtbot, main_window, sources, artifacts
     files = sorted((paths.store_dir() / ct.StudyInstanceUID / ct.SeriesInstanceUID).glob("*.dcm"))
     assert len(files) == 3
     qtbot.waitUntil(lambda: ct.SeriesInstanceUID in mw.browser.series_uids(), timeout=30000)
+    qtbot.waitUntil(lambda: mw.current_series is not None
+                    and mw.current_series.series_uid == ct.SeriesInstanceUID, timeout=30000)
     dlg.grab().save(str(artifacts_dir / "pacs_query_retrieve.png"))
 
     # the same dialog with a C-GET peer: the CR study arrives over the query association
@@ -108,6 +110,7 @@ def test_search_and_retrieve_into_browser(qtbot, main_window, sources, artifacts
         dlg.retrieve_btn.click()
     assert sig.args[0].completed == 1 and len(sig.args[0].stored) == 1
     qtbot.waitUntil(lambda: cr.SeriesInstanceUID in mw.browser.series_uids(), timeout=30000)
+    qtbot.waitUntil(lambda: mw.current_series.series_uid == cr.SeriesInstanceUID, timeout=30000)
     mw.grab().save(str(artifacts_dir / "pacs_browser_after_retrieve.png"))
 
     dlg.from_check.setChecked(True)
@@ -144,7 +147,7 @@ def test_network_settings_dialog_validates_saves_and_echoes(qtbot, main_window, 
     assert s.effective_allow_list() == ["CT_SCANNER1", "MODALITY2", "ORTHANC"]
 
 
-def test_storage_scp_autostart_follows_settings(main_window, sources):
+def test_storage_scp_autostart_follows_settings(qtbot, main_window, sources):
     from engine.dicom import network as net
     from viewer.pacs_dialog import autostart_storage_scp, stop_storage_scp
 
@@ -158,6 +161,11 @@ def test_storage_scp_autostart_follows_settings(main_window, sources):
     assert net.echo(NetworkSettings(ae_title="ORTHANC"), me) > 0     # a configured peer may call
     with pytest.raises(net.NetworkError, match="rejected"):
         net.echo(NetworkSettings(ae_title="STRANGER"), me)           # anyone else may not
+    # an allowed sender pushes a series: it is filed and appears in the browser by itself
+    assert net.send(NetworkSettings(ae_title="ORTHANC"), me, sources["ct"]).ok
+    ct = pydicom.dcmread(sources["ct"][0], stop_before_pixels=True)
+    qtbot.waitUntil(lambda: ct.SeriesInstanceUID in main_window.browser.series_uids(), timeout=30000)
+    assert len(list((paths.store_dir() / ct.StudyInstanceUID).rglob("*.dcm"))) == 3
     stop_storage_scp(main_window)
     s.peers, s.allow_peers = [], True
     save_settings(s)

@@ -117,3 +117,38 @@ def test_thumbnail_downscale_keeps_aspect_and_range():
     assert th[:, 0].max() == 0 and th[:, -1].min() == 255
     q = to_qimage(th)
     assert (q.width(), q.height()) == (th.shape[1], th.shape[0])
+
+
+def test_voi_lut_sequence_is_the_default_display_until_the_user_windows(qtbot):
+    """PS3.3 C.11.2.1.1: a VOI LUT Sequence default is shown through the table, not a window."""
+    from viewer.image_view import ArraySource, ImageView, SliceData
+
+    iv = ImageView()
+    qtbot.addWidget(iv)
+    vals = np.arange(0, 1024, dtype=np.float32).reshape(32, 32)
+    lut = np.sqrt(np.linspace(0, 1, 1024)).astype(np.float32)        # a non-linear table
+    sd = SliceData(values=vals, window=(512.0, 1024.0), voi_lut=(0.0, lut), voi_lut_default=True)
+    iv.set_stack(ArraySource(vals[None], sd))
+    assert iv.use_voi_lut and "VOI LUT" in iv.annotation_texts()["bottom_right"]
+    got = iv.rendered_image().astype(float)
+    assert np.abs(got - lut[vals.astype(int)] * 255).max() <= 1.0
+    iv.set_window(512, 1024)                                          # user W/L: linear again
+    assert not iv.use_voi_lut
+    lin = iv.rendered_image().astype(float)
+    assert np.abs(lin - np.clip((vals - 511.5) / 1023 + 0.5, 0, 1) * 255).max() <= 1.0
+    iv.apply_preset(0)
+    assert iv.use_voi_lut
+
+
+def test_viewer_modules_do_not_import_torch():
+    import subprocess
+    import sys
+
+    mods = ["app", "main_window", "image_view", "mpr_view", "study_browser", "tag_browser", "thumbnails",
+            "measurements", "annotations", "settings_store", "qt_workers", "style"]
+    code = ("import sys\n" + "".join(f"import viewer.{m}\n" for m in mods)
+            + "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "QT_QPA_PLATFORM": "offscreen"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "False"

@@ -179,9 +179,9 @@ def test_measurements_in_mm_on_ct(win, qtbot, artifacts_dir):
     assert m.kind == "distance" and m.value == pytest.approx(expected, rel=0.03)
     assert m.text.endswith("mm")
     # exact geometry through the API: 100 columns x 0.7 mm
-    d = iv.measurements.add_distance((100.0, 300.0), (200.0, 300.0))
+    d = iv.measurements.add_distance((100.0, 400.0), (200.0, 400.0))
     assert d.value == pytest.approx(70.0) and d.text == "70.0 mm"
-    a = iv.measurements.add_angle((300.0, 100.0), (200.0, 100.0), (200.0, 0.0))
+    a = iv.measurements.add_angle((300.0, 150.0), (200.0, 150.0), (200.0, 60.0))
     assert a.value == pytest.approx(90.0)
     # ellipse ROI in the phantom: statistics equal numpy on the same mask, area in mm2
     from viewer.measurements import ellipse_mask
@@ -195,8 +195,9 @@ def test_measurements_in_mm_on_ct(win, qtbot, artifacts_dir):
     assert roi.stats.mean == pytest.approx(vals[mask].mean(), abs=1e-3)
     assert roi.stats.area_mm2 == pytest.approx(math.pi * w * h / 4 * 0.49, rel=1e-6)
     assert "HU" in roi.text and "mm²" in roi.text
-    r = iv.measurements.add_roi(10, 10, 20, 10, "rect")
-    assert r.stats.area_mm2 == pytest.approx(20 * 10 * 0.49) and r.stats.n_pixels == 200
+    r = iv.measurements.add_roi(100, 180, 40, 30, "rect")           # inside the right lung
+    assert r.stats.area_mm2 == pytest.approx(40 * 30 * 0.49) and r.stats.n_pixels == 1200
+    assert r.stats.mean < -500                                        # aerated lung in HU
     win.set_tool("pan")
     win.grab().save(str(artifacts_dir / "viewer_ct_measurements.png"))
     # measurements belong to their slice
@@ -242,6 +243,8 @@ def test_mpr_linked_crosshair_and_slab_mip(win, qtbot, artifacts_dir):
     assert np.array_equal(mpr.panes["axial"].image_item.image, vol.hu[z - 4:z + 5].max(axis=0))
     assert np.array_equal(plane_image(vol.hu, "sagittal", 100, 1), vol.hu[::-1, :, 100])
     mpr.mip_box.setChecked(False)
+    QTest.keyClick(mpr, Qt.Key.Key_Down)            # keyboard scrolls the axial plane, stack follows
+    assert mpr.position[0] == z - 1 and iv.current_slice() == z - 1
     win.grab().save(str(artifacts_dir / "viewer_mpr.png"))
     win.act_mpr.trigger()
     assert win.layout_mode() == "stack"
@@ -371,3 +374,96 @@ def _write_dx(path: Path, rows: int, cols: int, spacing: tuple[float, float]) ->
     img[:, :4] = 4095                                  # a bright left edge marks the first column
     ds.PixelData = img.tobytes()
     ds.save_as(path, enforce_file_format=True)
+
+
+def test_cine_drag_and_drop_recent_and_remembered_layout(win, qtbot, demo_dir, tmp_path):
+    from PySide6.QtCore import QMimeData, QUrl
+    from PySide6.QtGui import QDragEnterEvent, QDropEvent
+
+    from viewer.main_window import MainWindow
+
+    _open_ct(win, qtbot)
+    iv = win.image_view
+    i0 = iv.current_slice()
+    win.set_fps(20)
+    win.act_cine.trigger()
+    assert iv.cine.isActive() and iv.cine.interval() == 50
+    qtbot.waitUntil(lambda: iv.current_slice() != i0, timeout=3000)
+    win.act_cine.trigger()
+    assert not iv.cine.isActive()
+    assert win.settings.cine_fps() == 20
+    # drop a folder on the window: indexed off the GUI thread, then shown
+    folder = tmp_path / "dropped"
+    folder.mkdir()
+    shutil.copy(next((demo_dir / "CR_TIBIA").glob("*.dcm")), folder / "x.dcm")
+    md = QMimeData()
+    md.setUrls([QUrl.fromLocalFile(str(folder))])
+    enter = QDragEnterEvent(QPointF(10, 10), Qt.DropAction.CopyAction, md, Qt.MouseButton.LeftButton,
+                            Qt.KeyboardModifier.NoModifier)
+    win.dragEnterEvent(enter)
+    assert enter.isAccepted()
+    with qtbot.waitSignal(win.series_opened, timeout=20000):
+        win.dropEvent(QDropEvent(QPointF(10, 10), Qt.DropAction.CopyAction, md, Qt.MouseButton.LeftButton,
+                                 Qt.KeyboardModifier.NoModifier))
+    assert win.current_series.modality == "CR"
+    assert win.settings.recent_paths()[0] == str(folder)
+    assert [a.text() for a in win.recent_menu.actions()][0] == str(folder)
+    # a new window with the same settings comes back in MPR for CT and keeps the W/L
+    win.settings.set_layout_mode("mpr")
+    win.settings.set_last_window("CT", 40, 400)
+    w2 = MainWindow(win.settings)
+    qtbot.addWidget(w2)
+    w2.open_path(demo_dir / "CT_PHANTOM", wait=True)
+    assert w2.image_view.window() == (40.0, 400.0)
+    qtbot.waitUntil(lambda: w2.layout_mode() == "mpr", timeout=30000)
+    w2.close()
+    win.settings.set_layout_mode("stack")
+
+
+def test_zip_and_a_broken_slice_inside_a_ct_series(win, qtbot, demo_dir, tmp_path):
+    import zipfile
+
+    # a ZIP is opened like a folder (members addressed as archive.zip::member)
+    dx = tmp_path / "dx.dcm"
+    _write_dx(dx, rows=64, cols=96, spacing=(0.2, 0.2))
+    z = tmp_path / "study.zip"
+    with zipfile.ZipFile(z, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.write(dx, "DICOM/IM0001.dcm")
+    win.set_layout("stack")
+    win.open_path(z, wait=True)
+    assert win.current_series is not None and "::" in win.current_series.instances[0].path
+    assert win.image_view.current_frame_shape() == (64, 96)
+    win.act_tags.trigger()
+    qtbot.waitUntil(lambda: win.tag_browser.tree.topLevelItemCount() > 10, timeout=5000)
+    assert win.tag_browser.title.text() == "IM0001.dcm"
+    win.act_tags.trigger()
+    # five CT slices, the middle one with its pixel data cut off: the series still displays,
+    # scrolling onto the broken slice says so and keeps the last good image
+    folder = tmp_path / "ct5"
+    folder.mkdir()
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    src = sorted((demo_dir / "CT_PHANTOM").glob("*.dcm"))[40:45]
+    study, series = generate_uid(), generate_uid()
+    for p in src:                                   # a new series (the demo's is already open)
+        ds = pydicom.dcmread(p)
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(folder / p.name)
+    bad = folder / src[2].name
+    bad.write_bytes(bad.read_bytes()[:-200000])
+    win.open_path(folder, wait=True)
+    iv = win.image_view
+    # headers are fine, so the index keeps all five; the middle one (the first choice) fails to
+    # decode and its neighbour is shown instead
+    assert win.current_series.count == 5 and iv.current_data() is not None
+    assert iv.current_slice() == 1
+    messages = []
+    iv.load_failed.connect(messages.append)
+    iv.set_slice(2)
+    assert iv.current_slice() == 1 and "could not be read" in messages[0]
+    iv.set_slice(3)
+    assert iv.current_slice() == 3
+    win.wait_idle()
+    assert win.current_volume is None or win.current_volume.hu.shape[0] == 4

@@ -9,6 +9,7 @@ imported there, lazily), so this module never imports torch.
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import Any
 
@@ -22,12 +23,29 @@ from viewer.findings_panel import FindingsPanel
 from viewer.overlays import HeatmapOverlay
 from viewer.workers import AnalysisRunner, AnalyzeFn, ModelInfoLoader
 
-# Held to hide the heatmap (blink compare). The viewer's own shortcuts use W/L presets (digits),
-# I (invert), R (rotate), H/V (flip), F (fit), C (cine), arrows/Page for slices: B is free.
+# Held to hide the heatmap (blink compare). The main window's single-key shortcuts are P W D A E
+# (tools), F (fit), I (invert), R (rotate), H/V (flip), C (cine), M (MPR); Ctrl+B toggles the
+# browser; plain B is free.
 BLINK_KEY = Qt.Key.Key_B
 AUTO_RUN_KEY = "ai/auto_run"
 CACHE_SIZE = 8
 SUPPORTED_KINDS = ("xray", "ct")
+
+
+def leave_a_core_for_the_gui() -> None:
+    """Ask the engine for one torch thread less than the physical cores (read once, at its first
+    analysis; engine.models.devices ``CHESTVIEW_THREADS``): on a 2-core machine the GUI thread
+    otherwise competes with both intra-op threads and the event loop stalls for 100+ ms
+    (bench/bench_gui_stall.py). An explicit CHESTVIEW_THREADS or OMP_NUM_THREADS wins."""
+    if os.environ.get("CHESTVIEW_THREADS") or os.environ.get("OMP_NUM_THREADS"):
+        return
+    try:
+        import psutil
+
+        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 2
+    except Exception:  # noqa: BLE001
+        cores = os.cpu_count() or 2
+    os.environ["CHESTVIEW_THREADS"] = str(max(1, int(cores) - 1))
 
 
 class AIController(QObject):
@@ -37,6 +55,7 @@ class AIController(QObject):
                  auto_run: bool | None = None, load_model_infos: bool = True):
         super().__init__(main_window)
         self.main_window = main_window
+        leave_a_core_for_the_gui()
         self.runner = AnalysisRunner(analyze, parent=self)
         self.panel = FindingsPanel(blink_key_name=QKeySequence(BLINK_KEY).toString())
         self.results: OrderedDict[str, StudyResult] = OrderedDict()
@@ -131,7 +150,7 @@ class AIController(QObject):
                                    f"{getattr(series, 'series_number', '') or ''} {desc}".strip())
         uid = getattr(series, "series_uid", "")
         if uid in self.results:
-            self._show(self.results[uid])
+            self.show_result(self.results[uid])
             return
         self.panel.clear()
         if kind not in SUPPORTED_KINDS:
@@ -174,7 +193,7 @@ class AIController(QObject):
             self.results.popitem(last=False)
         if self.current_series is not None and uid != getattr(self.current_series, "series_uid", uid):
             return      # finished for a series the user already left: cached, not shown
-        self._show(result)
+        self.show_result(result)
 
     def _on_error(self, message: str) -> None:
         self.panel.show_error(message)
@@ -184,9 +203,11 @@ class AIController(QObject):
             return
         self.panel.set_models(infos, error)
 
-    def _show(self, result: StudyResult) -> None:
+    def show_result(self, result: StudyResult) -> None:
+        """Render a result (from the worker, the cache, or a caller such as the batch worklist)."""
         self.current_result = result
-        self.panel.show_result(result)        # emits target_selected -> overlay
+        n = self.image_view.n_slices() if hasattr(self.image_view, "n_slices") else None
+        self.panel.show_result(result, n_slices=n)   # emits target_selected -> overlay
         self._sync_strip_current()
 
     # -- heatmap overlay ----------------------------------------------------------------------
@@ -194,12 +215,27 @@ class AIController(QObject):
         r = self.current_result
         hms = [h for h in r.heatmaps if h.target == target] if (r is not None and target) else []
         self._set_overlay_heatmaps(hms)
+        self.panel.heatmap_source.setText(self._heatmap_source_text(hms))
         slices = sorted(h.slice_index for h in hms if h.slice_index is not None)
         note = self.panel.blink_hint
         if slices:
             note = (f"Heatmaps exist on slices {', '.join(str(s + 1) for s in slices)} "
                     f"(click the strip). {note}")
         self.panel.heatmap_note.setText(note)
+
+    def _heatmap_source_text(self, hms: list[Heatmap]) -> str:
+        """Which model made the shown heatmap; an untrained model's map is said to be no finding."""
+        if not hms or self.current_result is None:
+            return ""
+        h = hms[0]
+        info = next((m for m in self.current_result.models
+                     if (m.name, m.version) == (h.model_name, h.model_version)), None)
+        src = f"Grad-CAM of {h.model_name} {h.model_version} for '{h.target}'"
+        if info is None or not info.trained:
+            return src + ": <b>UNTRAINED model — not a finding</b>"
+        if not self.current_result.validity.passed:
+            return src + ": image check failed — do not interpret"
+        return src
 
     def _set_overlay_heatmaps(self, heatmaps: list[Heatmap]) -> None:
         if self.overlay is None:

@@ -133,7 +133,7 @@ def edge_letters(meta: SeriesMeta, rotation: int = 0, flip_h: bool = False,
 def corner_texts(meta: SeriesMeta, *, slice_index: int, n_slices: int, position: float | None,
                  center: float | None, width: float | None, zoom: float | None,
                  rows: int = 0, cols: int = 0, spacing: tuple[float, float] | None = None,
-                 is_volume_ct: bool = False, inverted: bool = False) -> dict[str, str]:
+                 is_volume_ct: bool = False, inverted: bool = False, voi_lut: bool = False) -> dict[str, str]:
     """The four corner strings (top_left, top_right, bottom_left, bottom_right)."""
     tl = [meta.patient_name, f"ID: {meta.patient_id}" if meta.patient_id else "",
           "  ".join(x for x in (f"Sex {meta.patient_sex}" if meta.patient_sex else "",
@@ -151,7 +151,9 @@ def corner_texts(meta: SeriesMeta, *, slice_index: int, n_slices: int, position:
     if rows and cols:
         bl.append(f"{cols}x{rows}" + (f"  {spacing[1]:.3g}x{spacing[0]:.3g} mm" if spacing else "  (no spacing)"))
     br = []
-    if center is not None and width is not None:
+    if voi_lut:
+        br.append("VOI LUT (header)" + ("  INV" if inverted else ""))
+    elif center is not None and width is not None:
         br.append(f"W: {width:.0f} L: {center:.0f}" + ("  INV" if inverted else ""))
     if zoom is not None:
         br.append(f"Zoom: {zoom * 100:.0f}%")
@@ -182,25 +184,35 @@ class CornerOverlay(QWidget):
         for key, (r, c, align) in spots.items():
             lab = QLabel("", self)
             lab.setObjectName("orientMarker" if key in ("top", "left", "right", "bottom") else "cornerText")
-            lab.setStyleSheet("background: transparent; color: #f0d060; font-weight: bold; font-size: 11pt;"
+            # a translucent dark box keeps the text readable over bright radiographs
+            lab.setStyleSheet("background: rgba(0, 0, 0, 150); color: #f0d060; font-weight: bold; "
+                              "font-size: 11pt; padding: 0px 3px; border-radius: 2px;"
                               if lab.objectName() == "orientMarker" else
-                              "background: transparent; color: #e6e6c8; font-family: monospace; font-size: 9pt;")
+                              "background: rgba(0, 0, 0, 150); color: #e6e6c8; font-family: monospace; "
+                              "font-size: 9pt; padding: 1px 3px; border-radius: 2px;")
+            lab.hide()
             lab.setAlignment(align)
             lay.addWidget(lab, r, c, align)
             self.labels[key] = lab
         self.research = QLabel(RESEARCH_LINE, self)
-        self.research.setStyleSheet("background: transparent; color: #9a9a9a; font-size: 8pt;")
+        self.research.setStyleSheet("background: rgba(0, 0, 0, 150); color: #a0a0a0; font-size: 8pt; padding: 0px 3px;")
         lay.addWidget(self.research, 3, 0, 1, 3, Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignBottom)
         lay.setRowStretch(1, 1)
         lay.setColumnStretch(1, 1)
 
+    def _set(self, key: str, text: str) -> None:
+        lab = self.labels[key]
+        if lab.text() != text:
+            lab.setText(text)
+        lab.setVisible(bool(text))
+
     def set_texts(self, texts: dict[str, str]) -> None:
         for key in ("top_left", "top_right", "bottom_left", "bottom_right"):
-            self.labels[key].setText(texts.get(key, ""))
+            self._set(key, texts.get(key, ""))
 
     def set_edges(self, edges: dict[str, str]) -> None:
         for key in ("top", "left", "right", "bottom"):
-            self.labels[key].setText(edges.get(key, ""))
+            self._set(key, edges.get(key, ""))
 
     def text(self, key: str) -> str:
         return self.labels[key].text()

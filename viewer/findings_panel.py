@@ -99,6 +99,7 @@ class FindingsPanel(QWidget):
         self.result: StudyResult | None = None
         self.finding_rows: dict[str, tuple[QLabel, ScoreBar, QLabel]] = {}
         self._targets: list[str | None] = []
+        self.setMinimumWidth(300)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(4, 4, 4, 4)
         outer.setSpacing(4)
@@ -136,7 +137,8 @@ class FindingsPanel(QWidget):
         self.status_label = _small(QLabel("Idle"))
         self.status_label.setWordWrap(True)
         outer.addWidget(self.status_label)
-        self.auto_run = QCheckBox("Analyse automatically when a series opens")
+        self.auto_run = QCheckBox("Auto-analyse each opened series")
+        self.auto_run.setToolTip("Queue the AI as soon as an X-ray or CT series is displayed")
         self.auto_run.setChecked(True)
         outer.addWidget(self.auto_run)
         self.run_button.clicked.connect(self.run_requested)
@@ -206,10 +208,15 @@ class FindingsPanel(QWidget):
         cl.addWidget(QLabel("Study probability"), 0, 0)
         cl.addWidget(self.ct_prob_bar, 0, 1)
         cl.addWidget(self.ct_prob_value, 0, 2)
+        self.ct_untrained_label = QLabel(f"CT model: <b>{UNTRAINED_TEXT}</b>; greyed slice scores are "
+                                         "not findings.")
+        self.ct_untrained_label.setWordWrap(True)
+        self.ct_untrained_label.hide()
+        cl.addWidget(self.ct_untrained_label, 4, 0, 1, 3)
         cl.addWidget(self.lung_volume_label, 1, 0, 1, 3)
         cl.addWidget(self.strip, 2, 0, 1, 3)
-        cl.addWidget(self.next_button, 3, 0, 1, 1)
-        cl.addWidget(self.top_label, 3, 1, 1, 2)
+        cl.addWidget(self.next_button, 3, 0, 1, 3)
+        cl.addWidget(self.top_label, 5, 0, 1, 3)
         cl.setColumnStretch(1, 1)
         self.body_layout.addWidget(self.ct_box)
 
@@ -219,6 +226,9 @@ class FindingsPanel(QWidget):
         self.target_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.target_combo.setMinimumContentsLength(12)
         hl.addRow("Show for", self.target_combo)
+        self.heatmap_source = _small(QLabel(""))
+        self.heatmap_source.setWordWrap(True)
+        hl.addRow(self.heatmap_source)
         self.overlay_check = QCheckBox("Overlay on")
         self.overlay_check.setChecked(True)
         self.outline_check = QCheckBox("Outline only")
@@ -330,8 +340,10 @@ class FindingsPanel(QWidget):
         self._set_targets([], None)
 
     # -- result rendering ---------------------------------------------------------------------
-    def show_result(self, result: StudyResult) -> None:
+    def show_result(self, result: StudyResult, n_slices: int | None = None) -> None:
+        """Render ``result``; ``n_slices`` (CT) is the displayed stack length for the slice strip."""
         self.clear()
+        self._n_slices = n_slices
         self.result = result
         self.set_running(False)
         self.progress.setValue(1000)
@@ -385,7 +397,7 @@ class FindingsPanel(QWidget):
         row = 0
         untrained_models = [m for m in result.models if not m.trained]
         for m in untrained_models:
-            lab = QLabel(f"{m.label or m.name + ' v' + m.version}: <b>{UNTRAINED_TEXT}</b>")
+            lab = QLabel(f"{m.name} {m.version}: <b>{UNTRAINED_TEXT}</b>")
             lab.setWordWrap(True)
             lab.setObjectName("untrained")
             lay.addWidget(lab, row, 0, 1, 3)
@@ -457,9 +469,10 @@ class FindingsPanel(QWidget):
         trained = any(m.trained for m in ct_models)
         thr = self._ct_threshold(result, lookup) if trained else None
         p = result.ct_study_probability
+        self.ct_untrained_label.setVisible(not trained)
         if p is None or not trained:
             self.ct_prob_bar.value = 0.0
-            self.ct_prob_value.setText(UNTRAINED_TEXT if not trained else "—")
+            self.ct_prob_value.setText("untrained" if not trained else "—")
         else:
             self.ct_prob_bar.value = p
             self.ct_prob_value.setText(f"{p:.2f}")
@@ -469,7 +482,8 @@ class FindingsPanel(QWidget):
         vol = result.lung_volume_ml
         self.lung_volume_label.setText(f"Lung volume: {vol:,.0f} mL" if vol is not None else "Lung volume: —")
         # Untrained slice scores are not findings: the strip is greyed and unranked text says so.
-        self.strip.set_scores(result.ct_slice_scores, threshold=thr, greyed=greyed or not trained)
+        self.strip.set_scores(result.ct_slice_scores, n_slices=getattr(self, "_n_slices", None), threshold=thr,
+                              greyed=greyed or not trained)
         top = self.strip.top_slices()
         self.next_button.setEnabled(bool(top))
         if top:

@@ -60,6 +60,8 @@ class SliceData:
     rescale: tuple[float, float] = (1.0, 0.0)
     path: str = ""
     frame: object | None = None             # the engine Frame when loaded from a file
+    voi_lut: tuple[float, np.ndarray] | None = None   # VOI LUT Sequence (first value, LUT in [0,1])
+    voi_lut_default: bool = False           # the header's default VOI is that LUT (PS3.3 C.11.2.1.1)
 
     def raw_at(self, r: int, c: int) -> float:
         if self.stored is not None and self.stored.ndim == 2:
@@ -79,7 +81,8 @@ def slice_from_frame(frame, position: float | None = None, path: str = "") -> Sl
         spacing_source=str(getattr(frame, "spacing_source", "") or ""), modality=str(frame.modality or ""),
         position=position, rescale=(float(getattr(frame, "rescale_slope", 1.0) or 1.0),
                                     float(getattr(frame, "rescale_intercept", 0.0) or 0.0)),
-        path=path, frame=frame)
+        path=path, frame=frame, voi_lut=getattr(frame, "voi_lut", None),
+        voi_lut_default=getattr(frame, "window_source", "") == "voi_lut" and getattr(frame, "voi_lut", None) is not None)
 
 
 def default_window(values: np.ndarray) -> tuple[float, float]:
@@ -276,6 +279,7 @@ class ImageView(QWidget):
     cursor_info = Signal(str)
     view_changed = Signal()
     stack_changed = Signal()
+    load_failed = Signal(str)                 # a slice could not be decoded (message for the user)
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
@@ -303,6 +307,7 @@ class ImageView(QWidget):
         self._index = 0
         self._data: SliceData | None = None
         self.center, self.width = 0.0, 1.0
+        self.use_voi_lut = False          # showing the header's VOI LUT Sequence instead of a window
         self.inverted = False
         self.rotation, self.flip_h, self.flip_v = 0, False, False
         self.tool = "pan"
@@ -332,6 +337,7 @@ class ImageView(QWidget):
         if window is None:
             window = self._data.window or default_window(self._data.values)
         self.center, self.width = float(window[0]), float(max(window[1], 1.0))
+        self.use_voi_lut = self._data.voi_lut_default and window == self._data.window
         if not keep_view:
             self.inverted, self.rotation, self.flip_h, self.flip_v = False, 0, False, False
         self._shape = None
@@ -393,8 +399,13 @@ class ImageView(QWidget):
         i = int(min(max(i, 0), len(self.source) - 1))
         if i == self._index and self._data is not None:
             return
+        try:
+            data = self.source.get(i)
+        except Exception as exc:  # noqa: BLE001 - one unreadable slice must not end the session
+            self.load_failed.emit(f"Image {i + 1} could not be read: {getattr(exc, 'reason', exc)}")
+            return
         self._index = i
-        self._data = self.source.get(i)
+        self._data = data
         self._render()
         self._update_annotations()
         self.slice_changed.emit(i)
@@ -426,6 +437,10 @@ class ImageView(QWidget):
         if d.is_color:
             img = d.values if not self.inverted else 255 - d.values
             self.image_item.setImage(img, autoLevels=False, levels=(0, 255), lut=None)
+        elif self.use_voi_lut and d.voi_lut is not None:
+            from engine.dicom.pixels import apply_voi_lut_table
+            self.image_item.setImage(apply_voi_lut_table(d.values, *d.voi_lut).astype(np.float32),
+                                     autoLevels=False, levels=(0.0, 1.0), lut=self._lut())
         elif d.voi_function.upper() == "SIGMOID":
             from engine.dicom.pixels import apply_voi
             self.image_item.setImage(apply_voi(d.values, self.center, self.width, d.voi_function),
@@ -437,11 +452,13 @@ class ImageView(QWidget):
             self._shape = shape  # type: ignore[assignment]
             self._apply_transform()
 
-    def set_window(self, center: float, width: float) -> None:
+    def set_window(self, center: float, width: float, voi_lut: bool = False) -> None:
+        """Linear (or SIGMOID, per the header) window; ``voi_lut`` shows the header VOI LUT instead."""
         self.center, self.width = float(center), float(max(width, 1.0))
         d = self._data
+        was_lut, self.use_voi_lut = self.use_voi_lut, bool(voi_lut and d is not None and d.voi_lut is not None)
         if d is not None and not d.is_color:
-            if d.voi_function.upper() == "SIGMOID":
+            if d.voi_function.upper() == "SIGMOID" or was_lut or self.use_voi_lut:
                 self._render()
             else:
                 self.image_item.setLevels(self._levels())
@@ -470,7 +487,8 @@ class ImageView(QWidget):
     def apply_preset(self, number: int) -> bool:
         """0 = the header default (or computed) window; 1..9 = presets()[number-1]."""
         if number == 0:
-            self.set_window(*self.default_window())
+            d = self._data
+            self.set_window(*self.default_window(), voi_lut=bool(d is not None and d.voi_lut_default))
         else:
             p = self.presets()
             if number - 1 >= len(p):
@@ -546,7 +564,8 @@ class ImageView(QWidget):
 
     def reset(self) -> None:
         self.inverted, self.rotation, self.flip_h, self.flip_v = False, 0, False, False
-        self.set_window(*self.default_window())
+        d = self._data
+        self.set_window(*self.default_window(), voi_lut=bool(d is not None and d.voi_lut_default))
         self._render()
         self._apply_transform()
         self.fit()
@@ -599,7 +618,7 @@ class ImageView(QWidget):
                             position=d.position, center=None if d.is_color else self.center,
                             width=None if d.is_color else self.width, zoom=self.zoom(), rows=rows,
                             cols=cols, spacing=d.pixel_spacing, is_volume_ct=self.modality() == "CT",
-                            inverted=self.inverted)
+                            inverted=self.inverted, voi_lut=self.use_voi_lut)
 
     def _reading_number(self) -> int:
         """0-based image number in reading order (head first for axial CT)."""

@@ -139,6 +139,7 @@ class MainWindow(QMainWindow):
         # wiring
         iv = self.image_view
         iv.cursor_info.connect(self.cursor_label.setText)
+        iv.load_failed.connect(lambda msg: self.statusBar().showMessage(msg, 10000))
         iv.window_committed.connect(self._remember_window)
         iv.slice_changed.connect(self._on_slice_changed)
         self.mpr_view.position_changed.connect(self._on_mpr_position)
@@ -414,8 +415,19 @@ class MainWindow(QMainWindow):
                 if old_st is None:
                     old_p.studies.append(st)
                     continue
-                have = {s.series_uid for s in old_st.series}
-                old_st.series.extend(s for s in st.series if s.series_uid not in have)
+                by_uid = {s.series_uid: s for s in old_st.series}
+                for se in st.series:
+                    old_se = by_uid.get(se.series_uid)
+                    if old_se is None:
+                        old_st.series.append(se)
+                        continue
+                    # more instances of a known series (e.g. a PACS retrieve still arriving)
+                    known = {i.sop_instance_uid for i in old_se.instances}
+                    extra = [i for i in se.instances if i.sop_instance_uid not in known]
+                    if extra:
+                        old_se.instances.extend(extra)
+                        old_se.instances.sort(key=lambda i: (i.instance_number is None,
+                                                             i.instance_number or 0, i.path))
         known = {pr.path for pr in idx.problems}
         idx.problems.extend(pr for pr in new.problems if pr.path not in known)
         idx.files_seen += new.files_seen
@@ -436,8 +448,6 @@ class MainWindow(QMainWindow):
     # series display
     def select_series(self, series_uid: str) -> bool:
         """Display a series of ``index``; CT volumes load in the background (MPR when ready)."""
-        from engine.errors import LoadError
-
         series = self.index.find_series(series_uid)
         if series is None or not series.instances:
             self.show_message("Series not found", "That series is not in the opened studies.")
@@ -453,22 +463,31 @@ class MainWindow(QMainWindow):
         try:
             from engine.dicom.pixels import read_header
             meta = meta_from_dataset(read_header(series.instances[0].path))
-        except LoadError as exc:
-            log.info("header unreadable for the annotations: %s", exc.reason)
-        except Exception as exc:  # noqa: BLE001
-            log.info("header unreadable for the annotations: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - annotations are optional, the image is not
+            log.info("header unreadable for the annotations: %s", getattr(exc, "reason", exc))
         self.current_meta = meta
         items, step = _series_items(series)
         source = FrameSource(items, reading_step=step)
         start = len(items) - 1 if step < 0 else 0
         if series.kind == "ct" and len(items) > 1:
             start = len(items) // 2      # the middle of a chest CT shows lung at once
-        try:
-            first = source.get(start)
-        except LoadError as exc:
+        first, error = None, None
+        # the chosen image first, then its neighbours: one broken file must not hide a series
+        order = sorted(range(len(items)), key=lambda k: (abs(k - start), k))[:8]
+        for k in order:
+            try:
+                first = source.get(k)
+                start = k
+                break
+            except Exception as exc:  # noqa: BLE001 - LoadError by contract; anything else is shown too
+                error = error or exc
+        if first is None:
             self.image_view.clear()
-            self.show_message("Could not display the image", f"{Path(exc.path).name}: {exc.reason}")
+            name = Path(str(getattr(error, "path", "") or items[start][0]).split("::")[-1]).name
+            self.show_message("Could not display the image", f"{name}: {getattr(error, 'reason', error)}")
             return False
+        if error is not None:
+            self.statusBar().showMessage(f"Some images could not be read: {getattr(error, 'reason', error)}", 15000)
         window = None
         if first.modality == "CT" or series.kind == "ct":
             window = self.settings.last_window("CT")
@@ -541,10 +560,12 @@ class MainWindow(QMainWindow):
             _, ny, nx = vol.hu.shape
             self.mpr_view.set_volume(vol, (z, ny // 2, nx // 2), self.image_view.window())
             self.central.setCurrentWidget(self.mpr_view)
+            self.mpr_view.setFocus()
             self.act_mpr.setChecked(True)
         else:
             mode = "stack"
             self.central.setCurrentWidget(self.image_view)
+            self.image_view.setFocus()
             self.act_mpr.setChecked(False)
         self.settings.set_layout_mode(mode)
 

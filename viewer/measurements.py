@@ -125,6 +125,20 @@ class Measurement(QObject):
     def update_text(self) -> None:
         raise NotImplementedError
 
+    def place_label(self, x: float, y: float) -> None:
+        """Put the label at (x, y) (image pixels), flipped to stay inside the visible view."""
+        self.label.setAnchor((0, 1))
+        self.label.setPos(QPointF(x, y))
+        try:
+            vr = self.layer.view.view_box.sceneBoundingRect()
+            br = self.label.sceneBoundingRect()
+        except (AttributeError, RuntimeError):
+            return
+        ax = 1 if br.right() > vr.right() else 0
+        ay = 0 if br.top() < vr.top() else 1
+        if (ax, ay) != (0, 1):
+            self.label.setAnchor((ax, ay))
+
 
 class DistanceMeasurement(Measurement):
     kind = "distance"
@@ -151,7 +165,7 @@ class DistanceMeasurement(Measurement):
         if sp is not None and self.layer.spacing_note():
             self.text += f" {self.layer.spacing_note()}"
         self.label.setText(self.text)
-        self.label.setPos(QPointF(*b))
+        self.place_label(*b)
         self.changed.emit()
 
 
@@ -174,7 +188,7 @@ class AngleMeasurement(Measurement):
         self.value = angle_deg(pts[0], pts[1], pts[2], self.layer.spacing())
         self.text = f"{self.value:.1f}°"
         self.label.setText(self.text)
-        self.label.setPos(QPointF(*pts[1]))
+        self.place_label(*pts[1])
         self.changed.emit()
 
 
@@ -228,7 +242,7 @@ class RoiMeasurement(Measurement):
             self.value = self.stats.mean if self.stats else None
             self.text = format_stats(self.stats, self.layer.unit())
         self.label.setText(self.text)
-        self.label.setPos(QPointF(x + w, y))
+        self.place_label(x + w, y)
         self.changed.emit()
 
 

@@ -90,7 +90,10 @@ class MPRPane(QWidget):
     def __init__(self, mpr: "MPRView", plane: str):
         super().__init__()
         self.mpr, self.plane = mpr, plane
-        self.title = QLabel(plane.capitalize())
+        edges = {"axial": "screen left = R, top = A", "coronal": "screen left = R, top = H",
+                 "sagittal": "screen left = A, top = H"}[plane]
+        self.title = QLabel(f"{plane.capitalize()}   <span style='color:#9a9a9a; font-weight:normal'>"
+                            f"({edges})</span>")
         self.title.setStyleSheet(f"color: rgb{COLORS[plane]}; font-weight: bold; background: transparent;")
         self.graphics = pg.GraphicsView(background="k")
         self.view_box = _PaneBox(self)
@@ -137,6 +140,7 @@ class MPRView(QWidget):
         self.position = (0, 0, 0)
         self.center, self.width = -600.0, 1500.0
         self.slab = 1
+        self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
         self.panes = {p: MPRPane(self, p) for p in PLANES}
         self.info = QLabel("")
         self.info.setStyleSheet("color: #d0d0b0; font-family: monospace; background: transparent;")
@@ -281,7 +285,9 @@ class MPRView(QWidget):
         self.set_slab(self.slab_spin.value() if self.mip_box.isChecked() else 1)
 
     def keyPressEvent(self, ev):  # noqa: N802
-        step = {Qt.Key.Key_Up: 1, Qt.Key.Key_Down: -1, Qt.Key.Key_PageUp: 10, Qt.Key.Key_PageDown: -10}.get(ev.key())
+        # axial through the volume; Down / Page Down = towards the feet, as in the stack view
+        step = {Qt.Key.Key_Up: 1, Qt.Key.Key_Down: -1, Qt.Key.Key_PageUp: 10, Qt.Key.Key_PageDown: -10,
+                Qt.Key.Key_Left: 1, Qt.Key.Key_Right: -1}.get(ev.key())
         if step is not None:
             self.scroll("axial", step)
         else:

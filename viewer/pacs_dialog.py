@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from PySide6.QtCore import QDate, Qt, Signal
+from PySide6.QtCore import QDate, QObject, Qt, QTimer, Signal
 from PySide6.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QDateEdit, QDialog,
                                QDialogButtonBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGridLayout,
                                QGroupBox, QHBoxLayout, QHeaderView, QLabel, QLineEdit, QPlainTextEdit,
@@ -29,18 +29,78 @@ MODALITIES = ["", "CR", "DX", "CT", "MR", "SR", "OT", "PT", "US"]
 
 
 # --------------------------------------------------------------------------------------------
-# the app-wide storage SCP (one per main window)
+# the app-wide storage SCP (one per main window) and the browser refresh it triggers
 # --------------------------------------------------------------------------------------------
+class StoreRefresher(QObject):
+    """Re-opens ``store_dir()`` in the browser shortly after instances stop arriving.
+
+    ``notify`` may be called from any thread (the SCP's); the signal is queued to the GUI thread
+    and a single-shot timer debounces a burst of C-STOREs into one ``open_path``."""
+
+    _arrived = Signal(str)
+
+    def __init__(self, main_window, delay_ms: int = 1500):
+        super().__init__(main_window if isinstance(main_window, QObject) else None)
+        self.main_window = main_window
+        self.series_uids: list[str] = []
+        self.timer = QTimer(self)
+        self.timer.setSingleShot(True)
+        self.timer.setInterval(delay_ms)
+        self.timer.timeout.connect(lambda: self.refresh())
+        self._arrived.connect(self._on_arrived)
+
+    def notify(self, rec: net.StoredInstance) -> None:
+        self._arrived.emit(rec.series_uid)
+
+    def _on_arrived(self, series_uid: str) -> None:
+        if series_uid not in self.series_uids:
+            self.series_uids.append(series_uid)
+        self.timer.start()
+
+    def refresh(self, show_series: list[str] | None = None) -> None:
+        """Open the store now; afterwards display the first of ``show_series`` (if any)."""
+        self.timer.stop()
+        self.series_uids.clear()
+        mw = self.main_window
+        if mw is None or not hasattr(mw, "open_path"):
+            return
+        want = [u for u in (show_series or []) if u]
+        if want and hasattr(mw, "index_loaded") and hasattr(mw, "select_series"):
+            def _select(_result, mw=mw, want=want) -> None:
+                try:
+                    mw.index_loaded.disconnect(_select)
+                except (RuntimeError, TypeError):
+                    pass
+                for uid in want:
+                    if mw.index.find_series(uid) is not None:
+                        mw.select_series(uid)
+                        break
+            mw.index_loaded.connect(_select)
+        try:
+            mw.open_path(paths.store_dir(), select=False)
+        except TypeError:                # a host whose open_path has no 'select' keyword
+            mw.open_path(paths.store_dir())
+
+
+def store_refresher(main_window) -> StoreRefresher:
+    r = getattr(main_window, "pacs_refresher", None)
+    if r is None:
+        r = StoreRefresher(main_window)
+        main_window.pacs_refresher = r
+    return r
+
+
 def ensure_storage_scp(main_window, settings: NetworkSettings) -> net.StorageSCP:
     """Start (or reuse) the storage SCP that receives C-MOVE results; kept on the main window.
 
-    Restarted when the settings changed (AE title, port, allow-list, TLS)."""
+    Restarted when the settings changed (AE title, port, allow-list, TLS). Instances pushed by
+    any allowed sender refresh the browser (debounced)."""
     scp: net.StorageSCP | None = getattr(main_window, "pacs_scp", None)
     if scp is not None and scp.running and scp.settings == settings:
         return scp
     if scp is not None:
         scp.stop()
-    scp = net.StorageSCP(settings)
+    scp = net.StorageSCP(settings, on_stored=store_refresher(main_window).notify)
     scp.start()
     main_window.pacs_scp = scp
     if hasattr(main_window, "destroyed"):
@@ -88,6 +148,7 @@ class QueryRetrieveDialog(QDialog):
         self.main_window = main_window
         self.runner = TaskRunner(self, max_threads=2)
         self._job = None
+        self._scp_mark = None
         self.studies: list[net.StudyMatch] = []
         self.series: list[net.SeriesMatch] = []
         self.last_result: net.RetrieveResult | None = None
@@ -346,12 +407,15 @@ class QueryRetrieveDialog(QDialog):
             return
         series = self.selected_series_uids() if len(studies) == 1 else []
         targets = [(studies[0], s) for s in series] if series else [(s, None) for s in studies]
+        host = self.main_window if self.main_window is not None else self
+        self._scp_mark = None
         if peer.retrieve == "C-MOVE":
             try:
-                ensure_storage_scp(self.main_window if self.main_window is not None else self, self.settings)
+                scp = ensure_storage_scp(host, self.settings)
             except (net.NetworkError, ValueError) as exc:
                 self._say(f"Cannot receive images: {exc}", error=True)
                 return
+            self._scp_mark = (scp, len(scp.stored))
         self._busy(True, cancellable=True)
         self.progress.setRange(0, 100)
         self.progress.setValue(0)
@@ -401,8 +465,16 @@ class QueryRetrieveDialog(QDialog):
             extra = f", {res.failed} failed" if res.failed else ""
             self._say(f"Retrieved {res.completed} image(s){extra}. They are in the Studies panel.",
                       error=bool(res.failed))
+        received = list(res.stored)
+        if self._scp_mark is not None:
+            scp, start = self._scp_mark
+            received += scp.stored[start:]
         if res.completed and self.main_window is not None and hasattr(self.main_window, "open_path"):
-            self.main_window.open_path(paths.store_dir())
+            seen: list[str] = []
+            for rec in received:
+                if rec.series_uid not in seen:
+                    seen.append(rec.series_uid)
+            store_refresher(self.main_window).refresh(show_series=seen)
         self.retrieve_done.emit(res)
 
     def closeEvent(self, event) -> None:  # noqa: N802 - Qt API
@@ -503,7 +575,7 @@ class NetworkSettingsDialog(QDialog):
 
         tls = QGroupBox("TLS (DICOM secure transport, PS3.15 B.9)")
         tf = QFormLayout(tls)
-        self.tls_check = QCheckBox("Use TLS for our SCP (and for peers marked TLS)")
+        self.tls_check = QCheckBox("Our storage SCP accepts TLS only (peers: tick TLS in their row)")
         self.cert_field = _FileField("Certificate (PEM)")
         self.key_field = _FileField("Private key (PEM)")
         self.ca_field = _FileField("Trusted CA / peer certificates (PEM)")

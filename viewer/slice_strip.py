@@ -119,9 +119,9 @@ class SliceScoreStrip(QWidget):
             p.end()
             return
         n = self._n_slices
-        bw = max(1.0, r.width() / n)
+        bw = max(3.0, r.width() / n)
         for s in self._scores.values():
-            x = r.left() + s.slice_index / n * r.width()
+            x = self.x_of(s.slice_index) - bw / 2
             h = max(1.0, s.probability * r.height())
             above = self._threshold is not None and s.probability >= self._threshold
             if self._greyed:

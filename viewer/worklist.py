@@ -44,8 +44,8 @@ class _SortItem(QTableWidgetItem):
 
     def __lt__(self, other: QTableWidgetItem) -> bool:  # type: ignore[override]
         a, b = self.data(SORT_ROLE), other.data(SORT_ROLE)
-        if a is None or b is None:
-            return super().__lt__(other)
+        if a is None or b is None:  # text columns (QTableWidgetItem.__lt__ would recurse in PySide6)
+            return self.text().lower() < other.text().lower()
         return a < b
 
 
@@ -141,7 +141,8 @@ class WorklistDialog(QDialog):
         self.problems.setStyleSheet("color: #b00020")
         self.table = QTableWidget(0, len(COLUMNS))
         self.table.setHorizontalHeaderLabels(list(COLUMNS))
-        self.table.setSortingEnabled(True)
+        self.table.horizontalHeader().setSortIndicator(COL_SCORE, Qt.SortOrder.DescendingOrder)
+        self.table.setSortingEnabled(True)  # highest score first until the user clicks a header
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Interactive)
@@ -174,7 +175,6 @@ class WorklistDialog(QDialog):
             return False
         self.folder = Path(folder)
         self.path_edit.setText(str(folder))
-        self.table.setSortingEnabled(False)
         self.table.setRowCount(0)
         self._rows.clear()
         self._problem_lines.clear()
@@ -239,7 +239,6 @@ class WorklistDialog(QDialog):
         self.status.setText(f"The review stopped: {msg}")
 
     def _add_study(self, record: dict) -> None:
-        sorting = self.table.isSortingEnabled()
         self.table.setSortingEnabled(False)
         for r in record.get("rows", []):
             uid = r["series_uid"]
@@ -249,9 +248,7 @@ class WorklistDialog(QDialog):
                 self.table.insertRow(row)
                 self._rows[uid] = row
             self._fill_row(row, r)
-        self.table.setSortingEnabled(True)
-        if not sorting:
-            self.table.sortItems(COL_SCORE, Qt.SortOrder.DescendingOrder)
+        self.table.setSortingEnabled(True)  # re-sorts by the current header indicator
         self._reindex()
 
     def _reindex(self) -> None:

@@ -467,7 +467,12 @@ class ExportKinds:
 
 def build_exports(result: StudyResult, source_paths: Sequence[str | Path],
                   kinds: ExportKinds | None = None) -> list[Dataset]:
-    """All requested result objects for one analysed series (no files written)."""
+    """All requested result objects for one analysed series (no files written).
+
+    ``source_paths``: the analysed series' instances — for CT in the order of the Volume
+    (``Volume.instance_paths``) so that ``Heatmap.slice_index`` and ``CTSliceScore.slice_index``
+    pick the right slice; for X-ray the one displayed image.
+    """
     k = kinds or ExportKinds()
     sources = read_sources(source_paths)
     out: list[Dataset] = []

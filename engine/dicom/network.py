@@ -489,6 +489,11 @@ class _StoreHandler:
             with self.lock:
                 self.failed += 1
             return 0xA700                     # Refused: out of resources
+        except Exception as exc:              # undecodable dataset: log the type only (no values)
+            log.warning("Refused an undecodable received instance (%s)", type(exc).__name__)
+            with self.lock:
+                self.failed += 1
+            return 0xC210                     # Error: cannot understand
         with self.lock:
             self.stored.append(rec)
         if self.on_stored is not None:

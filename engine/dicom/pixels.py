@@ -107,13 +107,21 @@ def _inflated_size(raw: bytes, cap: int) -> int:
     return total
 
 
-def _guard_deflate(src: BinaryIO | str, where: str, cap: int) -> None:
-    """Refuse a deflated-transfer-syntax file that would inflate past ``cap`` or like a bomb."""
+def _may_be_deflated(head: bytes) -> bool:
+    return b"1.2.840.10008.1.2.1.99" in head or b"1.2.840.10008.1.2.8.1" in head
+
+
+def _guard_deflate(src: BinaryIO | str, where: str, cap: int, head: bytes | None = None) -> None:
+    """Refuse a deflated-transfer-syntax file that would inflate past ``cap`` or like a bomb.
+
+    ``head`` (the file's first 4 KiB, when the caller has them) saves a read for the usual case.
+    """
+    if head is not None and not _may_be_deflated(head):
+        return
     fh = open(src, "rb") if isinstance(src, str) else src
     try:
         start = fh.tell()
-        head = fh.read(4096)
-        if b"1.2.840.10008.1.2.1.99" not in head and b"1.2.840.10008.1.2.8.1" not in head:
+        if not _may_be_deflated(fh.read(4096)):
             return
         from pydicom.filereader import read_preamble, _read_file_meta_info
 
@@ -157,12 +165,13 @@ def sniff(head: bytes) -> str:
     return "no"
 
 
-def _sniff_source(src: BinaryIO | str, where: str) -> None:
+def _sniff_source(src: BinaryIO | str, where: str) -> bytes:
+    """The first 4 KiB, after refusing empty and non-DICOM input."""
     if isinstance(src, str):
         with open(src, "rb") as fh:
-            head = fh.read(132)
+            head = fh.read(4096)
     else:
-        head = src.read(132)
+        head = src.read(4096)
         src.seek(0)
     kind = sniff(head)
     if kind == "empty":
@@ -170,36 +179,39 @@ def _sniff_source(src: BinaryIO | str, where: str) -> None:
     if kind == "no":
         raise LoadError(where, "not a DICOM file (no 'DICM' marker at byte 128 and no DICOM data "
                                "element at the start)")
+    return head
 
 
 def _dcmread(path: str | Path, *, stop_before_pixels: bool, cap: int = DEFAULT_BUDGET_BYTES):
     """pydicom.dcmread with force (preamble-less files), ZIP members and the deflate guard.
 
     Raises LoadError for non-DICOM input; pydicom's own exceptions pass through (callers map them).
-    A dataset that ended early is marked ``_chestview_truncated`` (pydicom only warns).
     """
-    import warnings
-
     import pydicom
 
     where = str(path)
     src = _read_source(path, cap)
-    _sniff_source(src, where)
-    _guard_deflate(src, where, cap)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ds = pydicom.dcmread(src, force=True, stop_before_pixels=stop_before_pixels)
+    head = _sniff_source(src, where)
+    _guard_deflate(src, where, cap, head)
+    ds = pydicom.dcmread(src, force=True, stop_before_pixels=stop_before_pixels)
     if len(ds) == 0:
         raise LoadError(where, "no DICOM data elements could be read; the file is damaged or not DICOM")
-    truncated = any("End of file" in str(w.message) or "truncat" in str(w.message).lower()
-                    for w in caught)
     _ensure_transfer_syntax(ds)
-    if truncated:
-        try:
-            object.__setattr__(ds, "_chestview_truncated", True)
-        except Exception:
-            pass
     return ds
+
+
+def _has_pixel_tag(path: str | Path, cap: int) -> bool:
+    """Whether the bytes contain a Pixel Data tag (7FE0,0010) that pydicom could not read."""
+    try:
+        src = _read_source(path, cap)
+        if isinstance(src, str):
+            with open(src, "rb") as fh:
+                data = fh.read(cap)
+        else:
+            data = src.read()
+    except Exception:
+        return False
+    return b"\xe0\x7f\x10\x00" in data or b"\x7f\xe0\x00\x10" in data
 
 
 def _ensure_transfer_syntax(ds) -> None:
@@ -347,7 +359,8 @@ class Frame:
     stored: np.ndarray                # raw stored values (pixel readout)
     is_color: bool
     photometric: str
-    monochrome1: bool
+    monochrome1: bool                 # low values display bright: MONOCHROME1 (C.7.6.3.1.2) or
+                                      # Presentation LUT Shape INVERSE (C.11.6); see photometric
     window: tuple[float, float]       # default (center, width) in Modality-LUT output units
     windows: list[tuple[str, float, float]] = field(default_factory=list)
     voi_function: str = "LINEAR"
@@ -364,6 +377,7 @@ class Frame:
     window_source: str = "header"     # 'header' | 'voi_lut' | 'computed'
     rescale_type: str = ""
     linear_modality: bool = True      # False when a Modality LUT Sequence (not slope/intercept) applied
+    presentation_lut_shape: str = ""  # IDENTITY | INVERSE | "" (PS3.3 C.11.6)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -377,16 +391,24 @@ def load_frame(path: str | Path, frame: int = 0, budget_bytes: int = DEFAULT_BUD
     """
     where = str(path)
     try:
-        ds = _dcmread(path, stop_before_pixels=True, cap=budget_bytes)
+        archive, member = split_zip_path(path)
+        try:
+            small = member is None and os.path.getsize(archive) <= budget_bytes // 4
+        except OSError:
+            small = False
+        # a small file is read once (its raw bytes are bounded by its size; nothing is decoded
+        # before the budget check); a large one has its header checked before the rest is read
+        ds = _dcmread(path, stop_before_pixels=not small, cap=budget_bytes)
         check_budget(ds, where, budget_bytes)
         n_frames = max(_int(ds, "NumberOfFrames", 1), 1)
         if not 0 <= frame < n_frames:
             raise LoadError(where, f"frame {frame} requested but the image has {n_frames} frame(s)")
-        ds = _dcmread(path, stop_before_pixels=False, cap=budget_bytes)
+        if not small:
+            ds = _dcmread(path, stop_before_pixels=False, cap=budget_bytes)
         if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-            if getattr(ds, "_chestview_truncated", False):
-                raise LoadError(where, "the file is truncated: it ends before its pixel data; "
-                                       "copy it again from the source")
+            if _has_pixel_tag(path, budget_bytes):
+                raise LoadError(where, "the file is truncated or damaged: its pixel data element "
+                                       "cannot be read; copy it again from the source")
             raise LoadError(where, "no pixel data in this file")
         return frame_from_dataset(ds, frame, where)
     except LoadError:
@@ -447,7 +469,10 @@ def frame_from_dataset(ds, frame: int = 0, where: str = "") -> Frame:
         window, wsrc = (first + len(lut) / 2.0, float(len(lut))), "voi_lut"
     else:
         window, wsrc = robust_window(values), "computed"
-    return Frame(values=values, stored=arr, is_color=False, monochrome1=photometric == "MONOCHROME1",
+    shape = str(_num(ds, "PresentationLUTShape", "") or "").strip().upper()
+    inverse = photometric == "MONOCHROME1" or (shape == "INVERSE")
+    return Frame(values=values, stored=arr, is_color=False, monochrome1=inverse,
+                 presentation_lut_shape=shape,
                  window=window, windows=windows, voi_function=function, rescale_slope=slope,
                  rescale_intercept=intercept, voi_lut=voi_lut, window_source=wsrc,
                  rescale_type=rtype, linear_modality=linear, **base)
@@ -715,12 +740,3 @@ def display_gray01(frame: Frame) -> np.ndarray:
     if frame.monochrome1:
         y = np.subtract(np.float32(1.0), y, dtype=np.float32)
     return y
-
-
-def file_size_ok(path: str | Path) -> bool:
-    """True for an existing non-empty plain file (ZIP members are checked when read)."""
-    archive, member = split_zip_path(path)
-    try:
-        return os.path.getsize(archive) > 0
-    except OSError:
-        return False
