@@ -52,6 +52,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+DELEGATED: dict[str, str] = {
+    "batch": "engine.batch",
+    "selftest": "engine.selftest",
+    "train": "engine.train",
+    "evaluate": "engine.evaluate",
+    "compare": "engine.compare",
+    "convert-xrv": "engine.models.convert_xrv",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     from engine import __version__
 
@@ -91,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        # These subcommands parse their own arguments (options included) in their module.
+        import importlib
+
+        return int(importlib.import_module(DELEGATED[argv[0]]).cli_main(argv[1:]) or 0)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -87,7 +87,8 @@ def _child(argv: list[str]) -> None:
 
 
 # -- the harness ---------------------------------------------------------------------------------
-def _tree_rss(pid: int) -> int:
+def _tree_sample(pid: int, cpu: dict[int, float]) -> int:
+    """RSS of the process tree now; records each process's CPU seconds (last seen) in ``cpu``."""
     import psutil
 
     try:
@@ -99,6 +100,8 @@ def _tree_rss(pid: int) -> int:
     for q in procs:
         try:
             total += q.memory_info().rss
+            t = q.cpu_times()
+            cpu[q.pid] = t.user + t.system
         except psutil.Error:
             pass
     return total
@@ -108,11 +111,12 @@ def measure(args: list[str], env: dict) -> dict:
     proc = subprocess.Popen([sys.executable, __file__, "--child", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, env=env)
     peak = [0]
+    cpu: dict[int, float] = {}
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], _tree_rss(proc.pid))
+            peak[0] = max(peak[0], _tree_sample(proc.pid, cpu))
             time.sleep(0.05)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -126,7 +130,8 @@ def measure(args: list[str], env: dict) -> dict:
     if proc.returncode != 0 or line is None:
         raise RuntimeError(f"{args[0]} failed (rc {proc.returncode})")
     res = json.loads(line[7:])
-    res.update(wall_s=wall, peak_rss_mib=peak[0] / 2**20, per_min=res["studies"] / wall * 60.0)
+    res.update(wall_s=wall, peak_rss_mib=peak[0] / 2**20, per_min=res["studies"] / wall * 60.0,
+               cpu_s=sum(cpu.values()), load_avg=os.getloadavg()[0])
     return res
 
 
@@ -158,10 +163,14 @@ def main() -> int:
 
     print(f"\nBatch review, {a.studies} X-ray studies{' + CT phantom' if a.ct else ''}, "
           f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), device {a.device or 'auto'}")
-    print(f"{'configuration':45s} {'studies':>7s} {'wall s':>8s} {'studies/min':>12s} {'vs base':>8s} {'peak RSS MiB':>13s}")
+    print(f"{'configuration':45s} {'studies':>7s} {'wall s':>8s} {'studies/min':>12s} {'vs base':>8s} "
+          f"{'CPU s/study':>12s} {'peak RSS MiB':>13s} {'load avg':>9s}")
     for r in rows:
         print(f"{r['config']:45s} {r['studies']:7d} {r['wall_s']:8.1f} {r['per_min']:12.1f} "
-              f"{r['per_min'] / base:7.2f}x {r['peak_rss_mib']:13.0f}")
+              f"{r['per_min'] / base:7.2f}x {r['cpu_s'] / max(1, r['studies']):12.2f} {r['peak_rss_mib']:13.0f} "
+              f"{r['load_avg']:9.1f}")
+    print("(CPU s/study: user+sys of the whole process tree incl. start-up; a load average above the CPU count "
+          "means other work shared the cores and wall-clock rates are pessimistic)")
     res_dir = REPO / "bench" / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
     (res_dir / "bench_batch.json").write_text(json.dumps({"studies": a.studies, "ct": a.ct, "device": a.device,

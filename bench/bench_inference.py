@@ -65,14 +65,14 @@ def main(argv: list[str] | None = None) -> int:
             return net.head(net.feature_map(x))
 
     base = timed(lambda: infer(x1), reps)
-    rows.append(("X-ray DenseNet-121 inference, fp32, batch 1 (baseline)", base, "s/image"))
+    rows.append(("X-ray DenseNet-121 inference, fp32, batch 1 (baseline)", base, "per image"))
 
     def infer_cam():
         with torch.no_grad():
             fmap = net.feature_map(x1)
         cams_from_fmap(net.head, fmap, [lambda o: o["pathologies"][:, 16], lambda o: o["covid"][:, 0]])
 
-    rows.append(("X-ray inference + Grad-CAM (2 targets, autograd on feature map)", timed(infer_cam, reps), "s/image"))
+    rows.append(("X-ray inference + Grad-CAM (2 targets, autograd on feature map)", timed(infer_cam, reps), "per image"))
 
     def full_backprop_cam():
         xx = x1.clone().requires_grad_(True)
@@ -81,16 +81,16 @@ def main(argv: list[str] | None = None) -> int:
             torch.autograd.grad(out, xx)
 
     rows.append(("X-ray inference + backprop to the input (what hook-based CAM costs)",
-                 timed(full_backprop_cam, max(1, reps // 2)), "s/image"))
+                 timed(full_backprop_cam, max(1, reps // 2)), "per image"))
     t8 = timed(lambda: infer(x8), max(1, reps // 2))
-    rows.append(("X-ray inference, fp32, batch 8", t8 / 8, "s/image"))
+    rows.append(("X-ray inference, fp32, batch 8", t8 / 8, "per image"))
     bf16 = types.SimpleNamespace(device=torch.device("cpu"), autocast_dtype=torch.bfloat16)
 
     def infer_bf16():
         with torch.inference_mode(), autocast(bf16):
             net.head(net.feature_map(x1))
 
-    rows.append(("X-ray inference, CPU autocast bf16, batch 1", timed(infer_bf16, reps), "s/image"))
+    rows.append(("X-ray inference, CPU autocast bf16, batch 1", timed(infer_bf16, reps), "per image"))
 
     # GPU rows
     if torch.cuda.is_available():
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 with torch.inference_mode(), autocast(gpu):
                     gnet.head(gnet.feature_map(xg))
 
-            rows.append((f"X-ray inference, CUDA autocast fp16, batch {bs}", timed(g, reps * 4, 3, sync) / bs, "s/image"))
+            rows.append((f"X-ray inference, CUDA autocast fp16, batch {bs}", timed(g, reps * 4, 3, sync) / bs, "per image"))
     else:
         for bs in (1, 8, 64):
             rows.append((f"X-ray inference, CUDA autocast fp16, batch {bs}", None, "n/a without CUDA"))
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     hu = phantom_volume(geom)
     spacing = (geom.slice_mm, geom.pixel_mm, geom.pixel_mm)
     rows.append(("CT lung ROI, 120x512x512 phantom", timed(lambda: segment_lungs(hu, spacing), max(1, reps // 2)),
-                 "s/study"))
+                 "per study"))
     load_model(CT_MODEL)
     vol = types.SimpleNamespace(hu=hu, spacing=spacing, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1), warnings=[],
                                 positions=[geom.z_of(k) for k in range(geom.n_slices)])
@@ -124,12 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     res = an.analyze_volume(series, vol, want_heatmaps=False)
     ct_t = timed(lambda: an.analyze_volume(series, vol, want_heatmaps=False), 1, warmup=0)
     rows.append((f"CT study (lung ROI + {int(res.timings_ms.get('slices_scored', 0))} GoogLeNet slices, batch 16)",
-                 ct_t, "s/study"))
+                 ct_t, "per study"))
     ct_net = load_model(CT_MODEL).module
     xs = torch.rand(16, 3, 224, 224) * 2 - 1
     with torch.inference_mode():
         s16 = timed(lambda: ct_net(xs), 1)
-    rows.append(("CT GoogLeNet slice inference, batch 16", s16 / 16, "s/slice"))
+    rows.append(("CT GoogLeNet slice inference, batch 16", s16 / 16, "per slice"))
 
     print(f"device: {cpu.name}; torch {torch.__version__}; repeats {reps} (median)")
     print(f"{'what':<80} {'ms':>9} {'ratio':>7}  unit")

@@ -4,7 +4,7 @@ X-ray: one instance -> engine.dicom.pixels (Modality LUT, default VOI, MONOCHROM
 displayed image) -> validity gate -> ``prepare_xray`` -> DenseNet-121 -> sigmoid pathologies +
 softmax COVID head -> findings, Cohen severity, Grad-CAM in displayed-image coordinates.
 CT: engine.dicom.volume -> lung ROI (engine.preprocess.lung_roi) -> slices with enough lung ->
-lung window, square ROI crop -> Inception-family classifier per slice, in batches -> study
+lung window, lung-ROI crop (6% margin, as in training) -> Inception-family classifier per slice, in batches -> study
 probability = mean of the top-3 slice probabilities (COVNet-style pooling that a single noisy
 slice cannot dominate; the card's ``aggregation`` may change k) -> Grad-CAM on the top slices.
 
@@ -119,9 +119,12 @@ class Analyzer:
                 res = self._ct(series, want_heatmaps, progress, cancel)
             else:
                 mod = series.modality or "(no modality)"
-                return _failed(series, "unsupported",
-                               f"Modality {mod} is not analysed: ChestView's AI reads chest X-rays (CR/DX) "
-                               "and chest CT only. The images can still be viewed.")
+                reason = (f"Modality {mod} is not analysed: ChestView's AI reads chest X-rays (CR/DX) "
+                          "and chest CT only. The images can still be viewed.")
+                # not an error: nothing went wrong, there is just no model for it
+                return StudyResult(study_uid=series.study_uid, series_uid=series.series_uid,
+                                   modality=series.modality, kind="unsupported",
+                                   validity=Validity(passed=False, reasons=[reason], checks={"modality": False}))
         except AnalysisCancelled:
             raise
         except LoadError as e:
@@ -451,12 +454,12 @@ class Analyzer:
 
     @staticmethod
     def _ct_input(hu_slice: np.ndarray, box, size: int):
-        """One axial slice -> (model tensor (3, S, S), square crop box (y0, y1, x0, x1) in slice pixels)."""
+        """One axial slice -> (model tensor (3, S, S), lung crop box (y0, y1, x0, x1) in slice pixels)."""
         from engine.preprocess.ct import ct_model_input, hu_to_gray01
-        from engine.preprocess.lung_roi import square_box
+        from engine.preprocess.lung_roi import margin_box
 
         shape = hu_slice.shape
-        sq = square_box(box, shape) if box is not None else (0, shape[0], 0, shape[1])
+        sq = margin_box(box, shape) if box is not None else (0, shape[0], 0, shape[1])
         y0, y1, x0, x1 = sq
         crop = hu_to_gray01(hu_slice[y0:y1, x0:x1])
         return ct_model_input(crop, size), sq
@@ -488,9 +491,13 @@ def default_analyzer() -> Analyzer:
 
 
 def analyze(series: SeriesRecord, *, progress: ProgressFn | None = None, cancel: CancelFn | None = None,
-            want_heatmaps: bool = True) -> StudyResult:
-    """Analyse one series with the shared Analyzer (see module docstring)."""
-    return default_analyzer().analyze(series, progress=progress, cancel=cancel, want_heatmaps=want_heatmaps)
+            want_heatmaps: bool = True, instance_index: int = 0) -> StudyResult:
+    """Analyse one series with the shared Analyzer (see module docstring).
+
+    ``instance_index`` picks the X-ray image of a multi-image series (the user's choice); CT uses all.
+    """
+    return default_analyzer().analyze(series, progress=progress, cancel=cancel, want_heatmaps=want_heatmaps,
+                                      instance_index=instance_index)
 
 
 def analyze_many(series_list: Sequence[SeriesRecord], *, progress: ProgressFn | None = None,

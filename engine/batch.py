@@ -54,6 +54,7 @@ class BatchOptions:
     timeout_s: float = DEFAULT_TIMEOUT_S      # per series, plus 2 s per further file
     memory_mb: int | None = None              # per decode child; None = min(3 GiB, RAM/2)
     heatmaps: bool = True
+    batch_size: int | None = None             # X-rays per forward pass across studies; None = 8 on GPU, 1 on CPU
 
 
 @dataclass
@@ -212,6 +213,50 @@ def series_outcome(series: Any, decoded: Decoded | LoadError, *, cancel: CancelF
     return oc
 
 
+def batch_outcomes(items: list[tuple[Any, Decoded | LoadError]], *, cancel: CancelFn | None = None,
+                   heatmaps: bool = True, analyze_many_fn: Callable | None = None) -> list[SeriesOutcome]:
+    """Stage 3 for several X-ray series at once (``engine.analysis.analyze_many``: shared forward
+    passes, for GPUs). Decode failures skip inference as in :func:`series_outcome`; results keep order."""
+    if analyze_many_fn is None:
+        from engine.analysis import analyze_many as analyze_many_fn
+    outs: list[SeriesOutcome] = []
+    ok: list[SeriesOutcome] = []
+    for se, dec in items:
+        if isinstance(dec, LoadError):
+            outs.append(SeriesOutcome(se, None, None, dec.reason, {}))
+        else:
+            oc = SeriesOutcome(se, dec, timings_ms={"decode": round(dec.decode_ms, 1)})
+            outs.append(oc)
+            ok.append(oc)
+    if ok:
+        t0 = time.perf_counter()
+        try:
+            results = analyze_many_fn([oc.series for oc in ok], cancel=cancel, want_heatmaps=heatmaps)
+            if len(results) != len(ok):
+                raise RuntimeError(f"{len(results)} results for {len(ok)} series")
+        except AnalysisCancelled:
+            raise
+        except Exception as e:  # bound it: the whole group gets the reason, the batch goes on
+            results = [None] * len(ok)
+            for oc in ok:
+                oc.error = f"analysis failed: {type(e).__name__}: {e}"
+        per = round((time.perf_counter() - t0) * 1000.0 / len(ok), 1)
+        for oc, res in zip(ok, results):
+            oc.result = res
+            oc.timings_ms["analyze"] = per      # the group's time, shared
+    return outs
+
+
+def default_batch_size() -> int:
+    """8 X-rays per forward pass on a GPU (throughput), 1 on CPU (identical to the viewer's call)."""
+    try:
+        from engine.models.devices import pick_device
+
+        return 8 if pick_device().device.type == "cuda" else 1
+    except Exception:
+        return 1
+
+
 def study_record(task: StudyTask, outcomes: list[SeriesOutcome], out_dir: Path,
                  deid: Deidentifier) -> dict[str, Any]:
     """Stage 4: thumbnails + rows of one study, ready for Journal.write."""
@@ -304,11 +349,19 @@ class TerminalProgress:
 # ----------------------------------------------------------------------------------------------
 # The local engine
 # ----------------------------------------------------------------------------------------------
+def _decoded(series: Any, fut: Any) -> Decoded | LoadError:
+    """The decode future's value, or its LoadError addressed to the series' first file."""
+    try:
+        return fut.result()
+    except LoadError as e:
+        return LoadError(series.instances[0].path if series.instances else "", e.reason)
+
+
 def run_batch(opts: BatchOptions, *, progress: Callable[[int, int, float, float], None] | None = None,
               on_problem: Callable[[str, str], None] | None = None,
               on_study: Callable[[dict[str, Any]], None] | None = None,
               cancel: CancelFn | None = None, analyze_fn: Callable | None = None,
-              index_fn: Callable | None = None) -> BatchSummary:
+              index_fn: Callable | None = None, analyze_many_fn: Callable | None = None) -> BatchSummary:
     """Review every study under ``opts.input`` into ``opts.out``; resumes from the journal.
 
     ``progress(done, total, studies_per_minute, eta_s)``; ``on_problem(relative_path, reason)``
@@ -347,7 +400,8 @@ def run_batch(opts: BatchOptions, *, progress: Callable[[int, int, float, float]
         if todo:
             pool = LimitedPool(opts.workers, timeout_s=opts.timeout_s, memory_mb=opts.memory_mb)
             jobs = [(t, se) for t in todo for se in t.series]
-            window = opts.workers + 2          # decoded-but-not-analysed series held in memory
+            bsize = max(1, int(opts.batch_size if opts.batch_size is not None else default_batch_size()))
+            window = opts.workers + bsize + 1  # decoded-but-not-analysed series held in memory
             pending: deque = deque()
             nxt = 0
             current: dict[str, list[SeriesOutcome]] = {}
@@ -365,36 +419,41 @@ def run_batch(opts: BatchOptions, *, progress: Callable[[int, int, float, float]
                 if cancel is not None and cancel():
                     summary.cancelled = True
                     break
-                t, se, fut = pending.popleft()
-                try:
-                    dec: Decoded | LoadError = fut.result()
-                except LoadError as e:
-                    first = se.instances[0].path if se.instances else ""
-                    dec = LoadError(first, e.reason)
+                group = [pending.popleft()]
+                while (bsize > 1 and pending and len(group) < bsize and group[0][1].kind == "xray"
+                       and pending[0][1].kind == "xray"):
+                    group.append(pending.popleft())      # X-rays of the next studies share a forward pass
+                decs = [(t, se, _decoded(se, fut)) for t, se, fut in group]
                 fill()
                 try:
-                    oc = series_outcome(se, dec, cancel=cancel, heatmaps=opts.heatmaps, analyze_fn=analyze_fn)
+                    if len(decs) == 1:
+                        ocs = [series_outcome(decs[0][1], decs[0][2], cancel=cancel, heatmaps=opts.heatmaps,
+                                              analyze_fn=analyze_fn)]
+                    else:
+                        ocs = batch_outcomes([(se, d) for _, se, d in decs], cancel=cancel, heatmaps=opts.heatmaps,
+                                             analyze_many_fn=analyze_many_fn)
                 except AnalysisCancelled:
                     summary.cancelled = True
                     break
-                if oc.error:
-                    summary.series_failed += 1
-                    if on_problem:
-                        where = rel_path(se.instances[0].path, input_root(inp)) if se.instances else f"series {se.series_uid}"
-                        on_problem(deid.scrub(where), deid.scrub(oc.error))
-                current.setdefault(t.key, []).append(oc)
-                if len(current[t.key]) == len(t.series):
-                    rec = study_record(t, current.pop(t.key), out, deid)
-                    journal.write(t.key, t.fingerprint, rec)
-                    summary.studies_done += 1
-                    done += 1
-                    if on_study:
-                        on_study(journal.read(t.key) or rec)
-                    if progress:
-                        el = time.perf_counter() - t_loop
-                        rate = summary.studies_done / el * 60.0 if el > 0 else 0.0
-                        eta = (summary.studies_total - done) / (rate / 60.0) if rate > 0 else float("nan")
-                        progress(done, summary.studies_total, rate, eta)
+                for (t, se, _), oc in zip(decs, ocs):
+                    if oc.error:
+                        summary.series_failed += 1
+                        if on_problem:
+                            where = rel_path(se.instances[0].path, input_root(inp)) if se.instances else f"series {se.series_uid}"
+                            on_problem(deid.scrub(where), deid.scrub(oc.error))
+                    current.setdefault(t.key, []).append(oc)
+                    if len(current[t.key]) == len(t.series):
+                        rec = study_record(t, current.pop(t.key), out, deid)
+                        journal.write(t.key, t.fingerprint, rec)
+                        summary.studies_done += 1
+                        done += 1
+                        if on_study:
+                            on_study(journal.read(t.key) or rec)
+                        if progress:
+                            el = time.perf_counter() - t_loop
+                            rate = summary.studies_done / el * 60.0 if el > 0 else 0.0
+                            eta = (summary.studies_total - done) / (rate / 60.0) if rate > 0 else float("nan")
+                            progress(done, summary.studies_total, rate, eta)
         if cancel is not None and cancel():
             summary.cancelled = True
         seconds = time.perf_counter() - t_start
@@ -434,17 +493,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-memory-mb", type=int, default=None,
                    help="address-space bound of each decode process (default min(3072, RAM/2))")
     p.add_argument("--no-heatmaps", action="store_true", help="skip Grad-CAM (faster; no overlays)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="X-rays per forward pass across studies (default 8 on a GPU, 1 on CPU)")
     return p
 
 
 def cli_main(argv: list[str] | None = None) -> int:
     """``python main.py batch FOLDER --out DIR [--deidentify] [--workers N] [--timeout S]``."""
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    if args.workers < 1 or args.timeout <= 0:
-        print("chestview batch: --workers must be >= 1 and --timeout > 0", file=sys.stderr)
+    if args.workers < 1 or args.timeout <= 0 or (args.batch_size is not None and args.batch_size < 1):
+        print("chestview batch: --workers and --batch-size must be >= 1 and --timeout > 0", file=sys.stderr)
         return 2
     opts = BatchOptions(Path(args.folder), Path(args.out), deidentify=args.deidentify, workers=args.workers,
-                        timeout_s=args.timeout, memory_mb=args.max_memory_mb, heatmaps=not args.no_heatmaps)
+                        timeout_s=args.timeout, memory_mb=args.max_memory_mb, heatmaps=not args.no_heatmaps,
+                        batch_size=args.batch_size)
     bar: TerminalProgress | None = None
 
     def on_progress(done: int, total: int, rate: float, eta: float) -> None:

@@ -392,7 +392,7 @@ th.asc::after{content:" \\25B2"} th.desc::after{content:" \\25BC"}
 tr.invalid td.sc,tr.invalid td.sev{color:#999;font-style:italic}
 tr.failed{background:#fff0f0} tr.unsupported{color:#777}
 .st{font-weight:600} tr.ok .st{color:#176b2c} tr.invalid .st{color:#a06000} tr.failed .st{color:#b00020}
-td{max-width:280px}
+td{max-width:280px} td.vr{min-width:180px;font-size:12px}
 img.th{height:110px;display:block}
 .models li{margin:.1em 0} .small{font-size:12px;color:#555}
 .sum td:first-child{font-weight:600}
@@ -454,7 +454,7 @@ def to_html(results: dict[str, Any]) -> str:
             f"<td data-v='{e(str(r['series_number'] if r['series_number'] is not None else ''))}'>"
             f"{e(r['series_description'] or '')}<br><span class='small'>{r['n_images']} image(s)</span></td>",
             f"<td class='st'>{e(r['status'])}</td>",
-            f"<td data-v='{vsort}'>{e(validity)}</td>",
+            f"<td class='vr' data-v='{vsort}'>{e(validity)}</td>",
             f"<td class='sc' data-v='{'' if r['score'] is None else r['score']}'>{_fmt(r['score'])}</td>",
             f"<td>{e(r['top_label'] or '')}</td>",
             f"<td class='sev' data-v='{'' if r['severity_extent'] is None else r['severity_extent']}'>{_fmt(r['severity_extent'], 2)}</td>",

@@ -35,3 +35,31 @@ def model_infos() -> list:
     from engine.models.registry import list_model_infos
 
     return list_model_infos()
+
+
+def analyze_volume(series: SeriesRecord, volume, progress: ProgressFn | None = None,
+                   cancel: CancelFn | None = None) -> StudyResult:
+    """CT analysis on a Volume the viewer already loaded (engine.dicom.volume.load_volume), so the
+    series is not read and held in memory twice. Same contract as ``analyze_series``: never raises
+    for bad input (any unexpected failure falls back to the full ``analyze_series`` path and its
+    error handling); raises AnalysisCancelled when ``cancel()`` is True. Worker thread only.
+    (Added by the AI-viewer engineer.)"""
+    import logging
+    import time
+
+    from engine.analysis import default_analyzer
+    from engine.errors import AnalysisCancelled
+
+    t0 = time.perf_counter()
+    try:
+        res = default_analyzer().analyze_volume(series, volume, progress=progress, cancel=cancel)
+    except AnalysisCancelled:
+        raise
+    except Exception:  # noqa: BLE001 - the full path reports errors as StudyResult.error
+        logging.getLogger(__name__).debug("analyze_volume failed; re-reading the series", exc_info=True)
+        return analyze_series(series, progress=progress, cancel=cancel)
+    res.timings_ms["total"] = (time.perf_counter() - t0) * 1000.0
+    res.timings_ms.setdefault("load", 0.0)
+    if progress is not None:
+        progress(1.0, "done")
+    return res

@@ -295,6 +295,7 @@ def run_training(kind: str, data: str, out: str, *, epochs: int | None = None, s
                  batch: int = 16, lr: float = 1e-3, budget_min: float = 0.0, patience: int = 5,
                  seed: int = 0, threads: int = 2, resume: bool = False, balance: str = "source",
                  variant: str = "googlenet", bf16: bool = False, log_every: int = 10,
+                 init: str | None = None, samples_per_epoch: int = 0,
                  log: Callable[[str], None] = print) -> dict:
     import torch
 
@@ -304,12 +305,26 @@ def run_training(kind: str, data: str, out: str, *, epochs: int | None = None, s
     set_seed(seed)
     torch.set_num_threads(threads)
     model = build_model(kind, variant)
-    size = size or (224 if kind == "xray" else model.input_size)
-    ds = (load_xray_set if kind == "xray" else load_ct_set)(data, size=size)
+    full = 224 if kind == "xray" else model.input_size
+    size = size or full
+    ds = (load_xray_set if kind == "xray" else load_ct_set)(data, size=full)
+    if size != full:
+        # progressive resizing: a low-resolution stage (area-downsampled cache of exactly the inference
+        # preprocessing) followed by a stage at the inference size started with --init
+        import torch.nn.functional as F
+
+        ds.x = F.interpolate(ds.x.float(), size=(size, size), mode="area").to(torch.float16)
+        ds.size = size
+    if init:
+        from safetensors.torch import load_file
+
+        state = load_file(str(init))
+        model.load_state_dict({k: v.float() for k, v in state.items() if not k.startswith("ood.")})
+        log(f"[train] initialised from {init}")
     check_no_patient_leak(ds.rows)
     cfg = TrainConfig(epochs=epochs or (12 if kind == "xray" else 30), batch=batch, lr=lr,
                       budget_s=budget_min * 60, patience=patience, seed=seed, threads=threads,
-                      bf16=bf16, log_every=log_every,
+                      bf16=bf16, log_every=log_every, samples_per_epoch=samples_per_epoch,
                       extra={"kind": kind, "size": size, "balance": balance, "variant": variant,
                              "data": str(Path(data).resolve())})
     task = xray_task if kind == "xray" else ct_task
@@ -321,7 +336,7 @@ def run_training(kind: str, data: str, out: str, *, epochs: int | None = None, s
                                                        generator=generator)
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
-    run_info = {"kind": kind, "variant": variant, "size": size, "balance": balance, "seed": seed,
+    run_info = {"kind": kind, "variant": variant, "size": size, "balance": balance, "seed": seed, "init": init,
                 "data": str(Path(data).resolve()), "config": asdict(cfg),
                 "n_train": int(len(x_tr)), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (outp / "run.json").write_text(json.dumps(run_info, indent=1))
@@ -355,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     p.add_argument("--balance", choices=["source", "none"], default="source",
                    help="source-balanced sampling (shortcut mitigation) or plain class frequencies")
+    p.add_argument("--init", help="start from these weights (safetensors), e.g. a low-resolution stage's best")
+    p.add_argument("--samples-per-epoch", type=int, default=0, help="images per epoch (0 = training set size)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (faster on CPUs with AVX512-BF16/AMX)")
     p.add_argument("--log-every", type=int, default=10, help="progress line every N steps")
     p.add_argument("--variant", choices=["googlenet", "inception_v3"], default="googlenet", help="CT network")
@@ -366,6 +383,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     run_training(a.kind, a.data, a.out, epochs=a.epochs, size=a.size, batch=a.batch, lr=a.lr,
                  budget_min=a.budget_min, patience=a.patience, seed=a.seed, threads=a.threads,
                  resume=a.resume, balance=a.balance, variant=a.variant, bf16=a.bf16, log_every=a.log_every,
+                 init=a.init, samples_per_epoch=a.samples_per_epoch,
                  log=lambda s: print(s, flush=True))
     return 0
 

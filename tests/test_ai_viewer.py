@@ -62,7 +62,7 @@ def series(w, role: str):
 
 def wait_result(qtbot, ai, series_uid: str, timeout: int = ANALYSIS_TIMEOUT_MS) -> StudyResult:
     qtbot.waitUntil(lambda: ai.current_result is not None and ai.current_result.series_uid == series_uid
-                    and not ai.runner.is_busy(), timeout=timeout)
+                    and not ai.is_busy(), timeout=timeout)
     return ai.current_result
 
 
@@ -105,8 +105,8 @@ def test_xray_auto_run_panel_and_supersede(qtbot, window, demo_dir):
     w, ai = window, window.ai
     open_demo(w, demo_dir, auto_run=True)
     ct, tibia, chest = series(w, "ct"), series(w, "tibia"), series(w, "xray")
-    w.select_series(ct.series_uid)             # a long CT analysis starts ...
-    assert ai.runner.is_busy()
+    w.select_series(ct.series_uid)             # a CT analysis is queued (waits for the volume) ...
+    assert ai.is_busy()
     w.select_series(tibia.series_uid)          # ... and is superseded at once
     res = wait_result(qtbot, ai, tibia.series_uid)
     assert ct.series_uid not in ai.results     # the CT never produced a (shown or cached) result
@@ -133,7 +133,7 @@ def test_xray_auto_run_panel_and_supersede(qtbot, window, demo_dir):
     assert p.validity_box.y() < p.findings_box.y()
     # switching back shows the cached result without a new run
     w.select_series(tibia.series_uid)
-    assert not ai.runner.is_busy() and ai.current_result.series_uid == tibia.series_uid
+    assert not ai.is_busy() and ai.current_result.series_uid == tibia.series_uid
 
 
 def test_heatmap_overlay_follows_controls(qtbot, window, demo_dir, artifacts_dir):
@@ -141,7 +141,7 @@ def test_heatmap_overlay_follows_controls(qtbot, window, demo_dir, artifacts_dir
     open_demo(w, demo_dir, auto_run=False)
     chest = series(w, "xray")
     w.select_series(chest.series_uid)
-    assert not ai.runner.is_busy()              # auto-run off: nothing queued
+    assert not ai.is_busy()                     # auto-run off: nothing queued
     ai.run_current()
     res = wait_result(qtbot, ai, chest.series_uid)
     hm = next((h for h in res.heatmaps if h.slice_index is None), None)
@@ -155,6 +155,7 @@ def test_heatmap_overlay_follows_controls(qtbot, window, demo_dir, artifacts_dir
     assert p.select_target(hm.target)
     if not any(m.trained for m in res.models):
         assert "untrained" in p.target_combo.currentText()
+        assert "UNTRAINED" in p.heatmap_source.text()
     assert ov.is_showing()
 
     step = int(np.ceil(max(hm.array.shape) / 1024))
@@ -214,12 +215,19 @@ def test_ct_analysis_strip_heatmaps_and_gui_stall(qtbot, window, demo_dir, artif
     ct = series(w, "ct")
     w.select_series(ct.series_uid)
     w.wait_idle(120_000)                        # the viewer's own volume load finishes first
+    ai.info_loader.wait(120_000)                # torch imported at startup (a one-off GIL stall)
+    vol = w.current_volume
+    assert vol is not None and vol.series_uid == ct.series_uid
+    checksum = int(np.asarray(vol.hu, dtype=np.int64).sum())
     meter = StallMeter()
     ai.runner.progress.connect(lambda f, m: meter.mark(m))
     meter.start()
     ai.run_current()
     res = wait_result(qtbot, ai, ct.series_uid)
     stall = meter.stop()
+    # The engine analysed the viewer's volume (no second read) and left it unchanged.
+    assert res.timings_ms.get("load") == 0.0
+    assert int(np.asarray(vol.hu, dtype=np.int64).sum()) == checksum
     print(f"\n[gui-stall] CT analysis: longest event-loop gap {stall['max_ms']:.0f} ms, p99 "
           f"{stall['p99_ms']:.0f} ms, {stall['over_50ms']} gaps > 50 ms (target < 50 ms), worst stage "
           f"'{stall['worst_phase']}', {res.device}")
@@ -229,32 +237,70 @@ def test_ct_analysis_strip_heatmaps_and_gui_stall(qtbot, window, demo_dir, artif
     assert p.ct_box.isVisible() and "mL" in p.lung_volume_label.text()
     trained = any(m.trained for m in res.models)
     if not trained:
-        assert not res.ct_slice_scores and UNTRAINED_TEXT in p.ct_prob_value.text()
+        assert not res.ct_slice_scores and p.ct_untrained_label.isVisible()
         res = with_untrained_ct_scores(res, ct)
         ai.show_result(res)
-        assert "untrained" in p.top_label.text()
+        assert "untrained" in p.top_label.text() and not p.finding_rows
     strip = p.strip
-    assert strip.top_slices()
-    # Click the strip at a scored slice: the view jumps there.
-    target = strip.top_slices()[-1]
+    top = strip.top_slices()
+    assert top and all(s.slice_index in top for s in sorted(res.ct_slice_scores, key=lambda s: -s.probability)[:1])
+    # Click the strip at a scored slice: the view jumps there (strip drawn in reading order).
+    target = top[-1]
     qtbot.mouseClick(strip, Qt.MouseButton.LeftButton, pos=QPoint(int(strip.x_of(target)), strip.height() // 2))
     assert w.image_view.current_slice() == target
+    # ... and the strip numbers images as the corner annotation does ("n/N").
+    corner = " ".join(w.image_view.annotation_texts().values())
+    assert f"{strip.reading_number(target)}/{w.image_view.n_slices()}" in corner, corner
     # Next suspicious slice = the highest score.
     p.next_button.click()
-    assert w.image_view.current_slice() == strip.top_slices()[0]
-    # Per-slice heatmaps are drawn only on their slice.
-    hm_slices = sorted({h.slice_index for h in res.heatmaps if h.slice_index is not None})
-    assert hm_slices
-    if p.selected_target() is None:
-        p.select_target(res.heatmaps[0].target)
-    w.image_view.set_slice(hm_slices[0])
-    assert ai.overlay.is_showing()
-    other = next(i for i in range(w.image_view.n_slices()) if i not in hm_slices)
+    assert w.image_view.current_slice() == top[0]
+
+    # Per-slice heatmaps are drawn only on their own slice, over the right pixels. Trained models
+    # give Grad-CAM; the untrained one's CAM is all zero, so the engine's lung mask stands in.
+    real = [h for h in res.heatmaps if h.slice_index is not None and h.array.max() > 0.5]
+    shown = real or lung_mask_heatmaps(ct, top[:2])
+    saved = list(res.heatmaps)
+    res.heatmaps = shown
+    ai.show_result(res)
+    assert p.select_target(shown[0].target)
+    hm = shown[0]
+    w.image_view.set_slice(hm.slice_index)
+    assert ai.overlay.is_showing() and ai.overlay.current_heatmap() is hm
+    assert (ai.overlay.rgba[..., 3] > 0).any()
+    p.opacity_slider.setValue(100)
+    rr, cc = np.argwhere(hm.array >= hm.array.max() - 1e-6)[0]
+    qtbot.wait(20)
+    on = screen_rgb(w, (cc + 0.5, rr + 0.5))
+    assert on[0] != on[1] or on[1] != on[2], on            # coloured, not the grey CT
+    other = next(i for i in range(w.image_view.n_slices()) if i not in {h.slice_index for h in shown})
     w.image_view.set_slice(other)
-    assert not ai.overlay.is_showing()
-    w.image_view.set_slice(hm_slices[0])
+    assert not ai.overlay.is_showing() and ai.overlay.rgba is None
+    qtbot.wait(20)
+    off = screen_rgb(w, (cc + 0.5, rr + 0.5))
+    assert off[0] == off[1] == off[2]
+    p.opacity_slider.setValue(45)
+
+    # Screenshot of what the engine and model really produced.
+    res.heatmaps = saved
+    ai.show_result(res)
+    w.image_view.set_slice(top[0])
     qtbot.wait(50)
     assert w.grab().save(str(artifacts_dir / "ai_ct_slice_strip.png"))
+
+
+def lung_mask_heatmaps(ct_series, slices: list[int]) -> list[Heatmap]:
+    """engine.preprocess.lung_roi's lung mask on some slices, as overlay data (not an AI output)."""
+    from engine.dicom.volume import load_volume
+    from engine.preprocess.lung_roi import segment_lungs
+
+    vol = load_volume(ct_series)
+    roi = segment_lungs(vol.hu, tuple(float(s) for s in vol.spacing))
+    f = int(roi.factor)
+    out = []
+    for i in slices:
+        m = np.repeat(np.repeat(roi.mask[i].astype(np.float32), f, 0), f, 1)[:vol.hu.shape[1], :vol.hu.shape[2]]
+        out.append(Heatmap("lung mask (display check, not AI)", m, "lung-roi", "engine", slice_index=int(i)))
+    return out
 
 
 def with_untrained_ct_scores(res: StudyResult, ct_series) -> StudyResult:
@@ -304,7 +350,7 @@ def test_failing_analysis_shows_message_and_auto_run_setting(qtbot, window, demo
     assert w.settings.value("ai/auto_run") in (False, "false")
     s = w.index.all_series()[0]
     w.select_series(s.series_uid)
-    assert not ai.runner.is_busy() and "Run AI" in ai.panel.status_label.text()
+    assert not ai.is_busy() and "Run AI" in ai.panel.status_label.text()
     (study / "cr.dcm").unlink()
     ai.panel.run_button.click()
     res = wait_result(qtbot, ai, s.series_uid, timeout=60_000)
@@ -319,3 +365,19 @@ def test_failing_analysis_shows_message_and_auto_run_setting(qtbot, window, demo
         ai.panel.run_button.click()
     assert ai.panel.error_label.isVisible() and "no-such-model" in ai.panel.error_label.text()
     assert ai.panel.run_button.isEnabled() and not ai.panel.cancel_button.isEnabled()
+
+
+def test_overlay_rendering_functions():
+    """Colour, alpha and threshold of the overlay image; the outline is the threshold iso-line."""
+    from viewer.overlays import render_heatmap_rgba, threshold_contours
+
+    yy, xx = np.mgrid[:200, :300]
+    hm = np.clip(1.0 - np.hypot(yy - 100, xx - 150) / 100.0, 0, 1).astype(np.float32)   # cone, r=100 at 0
+    lut = colormap_lut("viridis")
+    rgba = render_heatmap_rgba(hm, 0.5, 0.5, lut)
+    assert rgba.dtype == np.uint8 and rgba.shape == (200, 300, 4)
+    np.testing.assert_array_equal(rgba[..., 3], np.where(hm >= 0.5, 128, 0))
+    np.testing.assert_array_equal(rgba[100, 150, :3], lut[255])
+    (c,) = threshold_contours(hm, 0.5)            # one closed ring at radius 50 around (100, 150)
+    r = np.hypot(c[:, 0] - 100.5, c[:, 1] - 150.5)
+    assert abs(float(r.mean()) - 50.0) < 1.5 and np.allclose(c[0], c[-1])

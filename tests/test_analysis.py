@@ -164,7 +164,8 @@ def test_bad_input_never_raises_and_cancel_raises(tmp_path, untrained):
     an = Analyzer("cpu")
     mr = SeriesRecord("1", "2", "p", "MR")
     r = an.analyze(mr)
-    assert r.kind == "unsupported" and not r.validity.passed and "MR" in r.error
+    assert r.kind == "unsupported" and not r.validity.passed and r.error is None
+    assert "MR" in r.validity.reasons[0] and r.findings == [] and r.models == []
     missing = SeriesRecord("1", "2", "p", "CR", instances=[InstanceRecord(str(tmp_path / "gone.dcm"), "3", 1)])
     r = an.analyze(missing)
     assert r.kind == "xray" and r.error and not r.validity.passed

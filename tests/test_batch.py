@@ -216,10 +216,32 @@ def test_batch_reviews_the_demo_folder_with_broken_files(demo_dir, tmp_path, cap
     assert len(rows_csv) == len(res["rows"])
     page = (out / "report.html").read_text()
     assert "Research use only, not for diagnostic use" in page and "xray-densenet121" in page
-    # keep the report for humans (CI artifact)
+    # keep the report for humans (CI artifact), and a screenshot when a headless browser is there
     dest = artifacts_dir / "batch-demo-report"
     shutil.rmtree(dest, ignore_errors=True)
     shutil.copytree(out, dest, ignore=shutil.ignore_patterns("journal", ".lock"))
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser:
+        shot = artifacts_dir / "batch-demo-report.png"
+        shot.unlink(missing_ok=True)
+        subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        "--window-size=1600,1800", f"--screenshot={shot}", (dest / "report.html").as_uri()],
+                       capture_output=True, timeout=120)
+        assert shot.is_file() and shot.stat().st_size > 20_000
+
+
+def _live_in_group(pgid: int) -> list[int]:
+    """Processes (not zombies) still in the process group of the killed batch."""
+    import psutil
+
+    live = []
+    for p in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                live.append(p.pid)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    return live
 
 
 def _batch_cmd(inp: Path, out: Path) -> list[str]:
@@ -254,10 +276,13 @@ def test_kill_9_during_a_batch_then_resume_gives_the_same_report(demo_dir, tmp_p
         assert proc.poll() is None, "the batch finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)                      # kill -9 the driver
         proc.wait(30)
+        deadline = time.monotonic() + 20
+        while _live_in_group(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _live_in_group(proc.pid), "decode children outlived the killed driver"
     finally:
-        time.sleep(1.0)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)                # and anything it left behind
+            os.killpg(proc.pid, signal.SIGKILL)                # cleanup if the assertion above failed
         except ProcessLookupError:
             pass
     done_before = len(list((out / "journal").glob("*.json")))
@@ -273,6 +298,30 @@ def test_kill_9_during_a_batch_then_resume_gives_the_same_report(demo_dir, tmp_p
     assert a[2] == b[2]             # report.html without timing cells
     assert a[3] == b[3] and len(a[3]) == 5
     assert len(a[0]["rows"]) == 5 and a[0]["summary"]["invalid"] >= 1
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-4
+    return a == b
+
+
+def test_batched_inference_across_studies_matches_per_series(demo_dir, tmp_path):
+    """--batch-size (GPU default 8) shares forward passes across studies without changing any row."""
+    from engine.batch import BatchOptions, run_batch
+
+    inp = _xray_folder(demo_dir, tmp_path / "in", 2)
+    one = run_batch(BatchOptions(inp, tmp_path / "one", workers=1, batch_size=1))
+    many = run_batch(BatchOptions(inp, tmp_path / "many", workers=1, batch_size=3))
+    assert one.studies_done == many.studies_done == 3 and many.series_failed == 0
+    a = strip_timing(json.loads(one.results_json.read_text()))["rows"]
+    b = strip_timing(json.loads(many.results_json.read_text()))["rows"]
+    assert _close(a, b), (a, b)
+    assert sorted(r["status"] for r in b) == ["invalid", "ok", "ok"]
 
 
 def test_deidentified_batch_outputs_carry_no_identifiers(demo_dir, tmp_path, monkeypatch):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.preprocess.lung_roi import choose_slices, segment_lungs, square_box
+from engine.preprocess.lung_roi import choose_slices, margin_box, segment_lungs
 
 phantom = pytest.importorskip("engine.phantom")
 
@@ -61,10 +61,10 @@ def test_outside_air_dropped_and_two_lungs_kept():
     assert roi.boxes[4] == (30, 90, 20, 105)
 
 
-def test_square_box_and_slice_choice():
-    assert square_box((100, 200, 50, 250), (512, 512), margin=0.0) == (50, 250, 50, 250)
-    y0, y1, x0, x1 = square_box((0, 300, 0, 500), (400, 512))
-    assert y1 - y0 == x1 - x0 == 400 and y0 == 0 and 0 <= x0 and x1 <= 512
+def test_margin_box_and_slice_choice():
+    assert margin_box((100, 200, 50, 250), (512, 512), margin=0.0) == (100, 200, 50, 250)
+    assert margin_box((100, 200, 50, 250), (512, 512)) == (94, 206, 38, 262)     # 6% of 100 and of 200
+    assert margin_box((0, 300, 10, 500), (300, 512)) == (0, 300, 0, 512)          # clipped to the slice
     roi = segment_lungs(np.zeros((1, 64, 64), np.int16), (1.0, 1.0, 1.0))
     roi.area_px = np.array([0, 10, 50, 100, 90, 20, 0], float)
     assert choose_slices(roi, 0.3) == [2, 3, 4]

@@ -162,6 +162,13 @@ def test_right_drag_window_level_and_wheel(win, qtbot):
     iv.set_zoom(1.0)
     assert iv.zoom() == pytest.approx(1.0, rel=0.02)
     iv.fit()
+    # hovering shows the raw value and HU of the pixel under the cursor in the status bar
+    qtbot.wait(60)                                  # pyqtgraph drops moves closer than ~16 ms apart
+    _mouse(vp, QEvent.Type.MouseMove, c, Qt.MouseButton.NoButton, Qt.MouseButton.NoButton)
+    p = iv.image_item.mapFromScene(iv.graphics.mapToScene(c))
+    r, col = int(p.y()), int(p.x())
+    assert f"x {col}  y {r}" in win.cursor_label.text()
+    assert f"HU {float(iv.current_values()[r, col]):.0f}" in win.cursor_label.text()
 
 
 def test_measurements_in_mm_on_ct(win, qtbot, artifacts_dir):
@@ -240,7 +247,7 @@ def test_mpr_linked_crosshair_and_slab_mip(win, qtbot, artifacts_dir):
     mpr.mip_box.setChecked(True)
     mpr.slab_spin.setValue(9)
     assert mpr.slab == 9
-    assert np.array_equal(mpr.panes["axial"].image_item.image, vol.hu[z - 4:z + 5].max(axis=0))
+    assert np.array_equal(mpr.panes["axial"].image_item.image, vol.hu[z - 4:z + 5].max(axis=0).astype(np.float32))
     assert np.array_equal(plane_image(vol.hu, "sagittal", 100, 1), vol.hu[::-1, :, 100])
     mpr.mip_box.setChecked(False)
     QTest.keyClick(mpr, Qt.Key.Key_Down)            # keyboard scrolls the axial plane, stack follows

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Any
 
-from PySide6.QtCore import QEvent, QObject, Qt
-from PySide6.QtGui import QKeySequence
+from PySide6.QtCore import QEvent, QObject, Qt, QTimer
+from PySide6.QtGui import QKeySequence, QShortcut
 from PySide6.QtWidgets import (QAbstractSpinBox, QApplication, QComboBox, QDockWidget, QLineEdit,
-                               QPlainTextEdit, QTextEdit)
+                               QPlainTextEdit, QTextEdit, QWidget)
 
 from engine.results import Heatmap, StudyResult
 from viewer.findings_panel import FindingsPanel
@@ -25,10 +26,12 @@ from viewer.workers import AnalysisRunner, AnalyzeFn, ModelInfoLoader
 
 # Held to hide the heatmap (blink compare). The main window's single-key shortcuts are P W D A E
 # (tools), F (fit), I (invert), R (rotate), H/V (flip), C (cine), M (MPR); Ctrl+B toggles the
-# browser; plain B is free.
+# browser; plain B and N are free.
 BLINK_KEY = Qt.Key.Key_B
+NEXT_SUSPICIOUS_KEY = QKeySequence("N")    # CT: jump through the most suspicious slices
 AUTO_RUN_KEY = "ai/auto_run"
 CACHE_SIZE = 8
+VOLUME_WAIT_MS = 45_000      # then the engine reads the CT itself
 SUPPORTED_KINDS = ("xray", "ct")
 
 
@@ -82,11 +85,18 @@ class AIController(QObject):
         self.panel.run_requested.connect(self.run_current)
         self.panel.cancel_requested.connect(self.cancel)
         self.panel.auto_run_toggled.connect(self._on_auto_run)
-        self.runner.started.connect(lambda _uid: self.panel.show_status("Analysing…"))
-        self.runner.progress.connect(self.panel.set_progress)
+        self.runner.started.connect(self._on_started)
+        self.runner.progress.connect(self._on_progress)
         self.runner.result.connect(self._on_result)
         self.runner.error.connect(self._on_error)
-        self.runner.cancelled.connect(lambda _uid: self.panel.show_cancelled())
+        self.runner.cancelled.connect(self._on_cancelled)
+        self._awaiting_volume: str | None = None
+        self._volume_timer = QTimer(self)
+        self._volume_timer.setSingleShot(True)
+        self._volume_timer.setInterval(VOLUME_WAIT_MS)
+        self._volume_timer.timeout.connect(self._volume_wait_over)
+        if hasattr(main_window, "volume_loaded"):
+            main_window.volume_loaded.connect(self._on_volume_loaded)
         # Panel -> overlay.
         self.panel.target_selected.connect(self._on_target)
         self.panel.strip.slice_requested.connect(self.go_to_volume_slice)
@@ -101,12 +111,16 @@ class AIController(QObject):
 
         if hasattr(main_window, "series_opened"):
             main_window.series_opened.connect(self.on_series_opened)
+        if isinstance(main_window, QWidget):
+            sc = QShortcut(NEXT_SUSPICIOUS_KEY, main_window)
+            sc.setContext(Qt.ShortcutContext.WindowShortcut)
+            sc.activated.connect(self.panel.strip.next_suspicious)
+            self.panel.next_button.setToolTip(self.panel.next_button.toolTip() +
+                                              f" ({NEXT_SUSPICIOUS_KEY.toString()})")
         app = QApplication.instance()
         if app is not None:
             app.installEventFilter(self)
             app.aboutToQuit.connect(self.shutdown)
-        if hasattr(main_window, "destroyed"):
-            main_window.destroyed.connect(lambda *_: self.runner.shutdown())
         self.info_loader = ModelInfoLoader(parent=self)
         self.info_loader.loaded.connect(self._on_model_infos)
         if load_model_infos:
@@ -140,9 +154,15 @@ class AIController(QObject):
 
     # -- series and runs --------------------------------------------------------------------
     def on_series_opened(self, series: Any) -> None:
-        """A series is displayed: show its cached result, or queue analysis when auto-run is on."""
+        """A series is displayed: show its cached result, or queue analysis when auto-run is on.
+
+        An analysis still running for the previous series goes on (its result is cached) unless
+        a new analysis supersedes it.
+        """
         self.current_series = series
         self.current_result = None
+        self._awaiting_volume = None
+        self._volume_timer.stop()
         self._set_overlay_heatmaps([])
         kind = getattr(series, "kind", "other")
         desc = getattr(series, "series_description", "") or ""
@@ -153,37 +173,104 @@ class AIController(QObject):
             self.show_result(self.results[uid])
             return
         self.panel.clear()
+        self.panel.set_running(False)
+        self.panel.progress.setValue(0)
         if kind not in SUPPORTED_KINDS:
-            if self.runner.is_busy():
-                self.runner.cancel()
             self.panel.show_status("Not analysed: the AI reads chest X-ray (CR/DX) and CT series only.")
             self.panel.run_button.setEnabled(False)
             return
-        self.panel.run_button.setEnabled(True)
         if self.auto_run:
             self.run_current()
         else:
-            if self.runner.is_busy():
-                self.runner.cancel()
             self.panel.show_status("Press Run AI to analyse this series (automatic analysis is off).")
 
+    def is_busy(self) -> bool:
+        """Analysing, or waiting for the viewer's CT volume to start analysing."""
+        return self.runner.is_busy() or self._awaiting_volume is not None
+
     def run_current(self) -> int | None:
-        """(Re)analyse the displayed series; a running analysis of another series is superseded."""
+        """(Re)analyse the displayed series; a running analysis of another series is superseded.
+
+        A CT waits for the volume the viewer is loading anyway (no second read, half the memory);
+        if it does not come within VOLUME_WAIT_MS the engine reads the series itself.
+        """
         series = self.current_series
         if series is None or getattr(series, "kind", "other") not in SUPPORTED_KINDS:
             return None
-        self.results.pop(getattr(series, "series_uid", ""), None)
+        uid = getattr(series, "series_uid", "")
+        self.results.pop(uid, None)
         self.panel.clear()
+        if getattr(series, "kind", "") == "ct":
+            vol = self._loaded_volume(uid)
+            if vol is None and self._volume_coming(series):
+                if self.runner.is_busy():
+                    self.runner.cancel()            # supersede now, start when the volume is there
+                self._awaiting_volume = uid
+                self._volume_timer.start()
+                self.panel.set_running(True, "Waiting for the CT volume to load…")
+                return None
+            return self._submit(series, vol)
+        return self._submit(series, None)
+
+    def _submit(self, series: Any, volume: Any) -> int:
+        self._awaiting_volume = None
+        self._volume_timer.stop()
         self.panel.set_running(True, "Queued…")
-        return self.runner.submit(series)
+        return self.runner.submit(series, volume=volume)
+
+    def _loaded_volume(self, uid: str) -> Any:
+        vol = getattr(self.main_window, "current_volume", None)
+        return vol if vol is not None and getattr(vol, "series_uid", None) == uid else None
+
+    def _volume_coming(self, series: Any) -> bool:
+        """The main window loads a CT volume for multi-slice CT series it displays."""
+        return hasattr(self.main_window, "volume_loaded") and getattr(series, "count", 0) > 2
+
+    def _on_volume_loaded(self, volume: Any) -> None:
+        uid = getattr(volume, "series_uid", None)
+        if self._awaiting_volume is not None and uid == self._awaiting_volume and self.current_series is not None \
+                and getattr(self.current_series, "series_uid", None) == uid:
+            self._submit(self.current_series, volume)
+
+    def _volume_wait_over(self) -> None:
+        """No volume from the viewer in time (slow disk, load error): the engine reads it itself."""
+        if self._awaiting_volume is not None and self.current_series is not None \
+                and getattr(self.current_series, "series_uid", None) == self._awaiting_volume:
+            self._submit(self.current_series, None)
 
     def cancel(self) -> None:
+        if self._awaiting_volume is not None:
+            self._awaiting_volume = None
+            self._volume_timer.stop()
+            self.panel.show_cancelled()
         self.runner.cancel()
 
     def shutdown(self) -> None:
         """Stop the worker before the window goes away (never leave a thread on dead widgets)."""
+        self._volume_timer.stop()
         self.runner.shutdown()
         self.info_loader.wait(5000)
+
+    def _is_current_run(self, series_uid: str | None = None) -> bool:
+        cur = self.current_series
+        if cur is None:
+            return False
+        if series_uid is None:
+            req = self.runner.current
+            series_uid = req.series_uid if req is not None else None
+        return series_uid == getattr(cur, "series_uid", None)
+
+    def _on_started(self, series_uid: str) -> None:
+        if self._is_current_run(series_uid):
+            self.panel.show_status("Analysing…")
+
+    def _on_progress(self, fraction: float, message: str) -> None:
+        if self._is_current_run():
+            self.panel.set_progress(fraction, message)
+
+    def _on_cancelled(self, series_uid: str) -> None:
+        if self._is_current_run(series_uid) and self._awaiting_volume is None:
+            self.panel.show_cancelled()
 
     def _on_result(self, result: StudyResult) -> None:
         uid = getattr(result, "series_uid", "")
@@ -196,7 +283,8 @@ class AIController(QObject):
         self.show_result(result)
 
     def _on_error(self, message: str) -> None:
-        self.panel.show_error(message)
+        if self._is_current_run(self.runner.last_series_uid):
+            self.panel.show_error(message)
 
     def _on_model_infos(self, infos: Any, error: Any) -> None:
         if self.current_result is not None and self.current_result.models:
@@ -207,6 +295,8 @@ class AIController(QObject):
         """Render a result (from the worker, the cache, or a caller such as the batch worklist)."""
         self.current_result = result
         n = self.image_view.n_slices() if hasattr(self.image_view, "n_slices") else None
+        src = getattr(self.image_view, "source", None)
+        self.panel.strip.set_reading_order(getattr(src, "reading_step", 1) < 0)
         self.panel.show_result(result, n_slices=n)   # emits target_selected -> overlay
         self._sync_strip_current()
 
@@ -219,8 +309,8 @@ class AIController(QObject):
         slices = sorted(h.slice_index for h in hms if h.slice_index is not None)
         note = self.panel.blink_hint
         if slices:
-            note = (f"Heatmaps exist on slices {', '.join(str(s + 1) for s in slices)} "
-                    f"(click the strip). {note}")
+            nums = ", ".join(str(self.panel.strip.reading_number(s)) for s in slices)
+            note = f"Heatmaps exist on images {nums} (click the strip). {note}"
         self.panel.heatmap_note.setText(note)
 
     def _heatmap_source_text(self, hms: list[Heatmap]) -> str:
@@ -240,11 +330,14 @@ class AIController(QObject):
     def _set_overlay_heatmaps(self, heatmaps: list[Heatmap]) -> None:
         if self.overlay is None:
             return
+        n = self.image_view.n_slices() if hasattr(self.image_view, "n_slices") else 1
+        if n > 1:   # an X-ray series/multi-frame: the engine analysed the first image only
+            heatmaps = [replace(h, slice_index=0) if h.slice_index is None else h for h in heatmaps]
         self.overlay.set_heatmaps(heatmaps)
-        self.overlay.set_slice(self._current_volume_slice())
+        self.overlay.set_slice(self._current_slice())
 
-    # -- slices: view index <-> volume index ---------------------------------------------------
-    def _current_view_slice(self) -> int | None:
+    # -- slices (the main window's CT slice indices are engine Volume indices) -------------------
+    def _current_slice(self) -> int | None:
         iv = self.image_view
         if iv is None or not hasattr(iv, "current_slice"):
             return None
@@ -253,33 +346,26 @@ class AIController(QObject):
         except Exception:  # noqa: BLE001 - no image yet
             return None
 
-    def view_to_volume(self, i: int | None) -> int | None:
-        """Image-view slice index -> engine Volume index (both sorted inferior to superior)."""
-        return i
-
-    def volume_to_view(self, i: int) -> int:
-        return i
-
-    def _current_volume_slice(self) -> int | None:
-        return self.view_to_volume(self._current_view_slice())
-
     def _on_slice_changed(self, i: int) -> None:
-        vi = self.view_to_volume(i)
         if self.overlay is not None:
-            self.overlay.set_slice(vi)
-        self.panel.strip.set_current(vi)
+            self.overlay.set_slice(i)
+        self.panel.strip.set_current(i)
 
     def _sync_strip_current(self) -> None:
-        self.panel.strip.set_current(self._current_volume_slice())
+        self.panel.strip.set_current(self._current_slice())
 
     def go_to_volume_slice(self, vol_index: int) -> None:
         iv = self.image_view
         if iv is not None and hasattr(iv, "set_slice"):
-            iv.set_slice(self.volume_to_view(vol_index))
+            iv.set_slice(vol_index)
 
     # -- blink compare ------------------------------------------------------------------------
     def eventFilter(self, obj: QObject, event: QEvent) -> bool:  # noqa: N802 - Qt API
         et = event.type()
+        if et == QEvent.Type.Close and obj is self.main_window:
+            self._volume_timer.stop()
+            self.runner.cancel()          # the engine stops at its next poll; exit waits for it
+            return False
         if et in (QEvent.Type.KeyPress, QEvent.Type.KeyRelease) and self.overlay is not None:
             if event.key() == BLINK_KEY and not event.isAutoRepeat() and self._window_active():
                 self.overlay.set_blink_hidden(et == QEvent.Type.KeyPress)

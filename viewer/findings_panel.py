@@ -373,12 +373,13 @@ class FindingsPanel(QWidget):
         if result.kind == "unsupported" and not v.reasons and not result.findings:
             self.validity_label.setText("Not analysed: only chest X-ray (CR/DX) and CT series are supported.")
         elif v.passed:
-            extra = ""
+            what = "header and pixel checks"
             if v.ood_score is not None and v.ood_threshold is not None:
-                extra = f" (distribution score {v.ood_score:.3g} within {v.ood_threshold:.3g})"
+                what += (f"; similar to the training images (distribution score {v.ood_score:.3g}, "
+                         f"limit {v.ood_threshold:.3g})")
             notes = "".join(f"<li>{r}</li>" for r in v.reasons)
-            self.validity_label.setText(f"<b style='color:#3a9a3a'>Passed</b>: the image looks like what the "
-                                        f"model was trained on{extra}." + (f"<ul>{notes}</ul>" if notes else ""))
+            self.validity_label.setText(f"<b style='color:#3a9a3a'>Passed</b>: {what}."
+                                        + (f"<ul>{notes}</ul>" if notes else ""))
         else:
             reasons = "".join(f"<li>{r}</li>" for r in (v.reasons or ["no reason given"]))
             self.validity_label.setText("<b style='color:#d04030'>Failed</b> — the scores below are greyed "
@@ -488,7 +489,8 @@ class FindingsPanel(QWidget):
         self.next_button.setEnabled(bool(top))
         if top:
             prefix = "Most suspicious slices" if trained else "Highest-scoring slices (untrained model)"
-            self.top_label.setText(prefix + ": " + ", ".join(str(i + 1) for i in top))
+            self.top_label.setText(prefix + " (image numbers): " +
+                                   ", ".join(str(self.strip.reading_number(i)) for i in top))
         else:
             self.top_label.setText("")
         self.ct_box.show()

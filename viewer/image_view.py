@@ -186,6 +186,8 @@ class VolumeSource(SliceSource):
         normal = np.asarray(volume.direction, float)[6:9] if len(volume.direction) >= 9 else np.array([0, 0, 1.0])
         # reading order head -> feet: 'next image' goes down the patient when the normal points to the head
         self.reading_step = -1 if normal[2] > 0.5 else 1
+        self.cache_slices = 96
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def __len__(self) -> int:
         return int(self.volume.hu.shape[0])
@@ -195,8 +197,19 @@ class VolumeSource(SliceSource):
         return float(p[i]) if p is not None and len(p) > i else None
 
     def get(self, i: int) -> SliceData:
+        """float32 slice: pyqtgraph's fast levels+LUT path takes float32 (int16 falls back to a
+        generic ARGB path about 3x slower; bench/bench_viewer.py measures both)."""
+        v = self._cache.get(i)
+        if v is None:
+            hu = self.volume.hu[i]
+            v = hu if hu.dtype == np.float32 else hu.astype(np.float32)
+            self._cache[i] = v
+            while len(self._cache) > self.cache_slices:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(i)
         t = self.template
-        return SliceData(**{**t.__dict__, "values": self.volume.hu[i], "position": self.position(i)})
+        return SliceData(**{**t.__dict__, "values": v, "position": self.position(i)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,9 +439,11 @@ class ImageView(QWidget):
         c, w = self.center, self.width
         return (c - 0.5 - (w - 1) / 2, c - 0.5 + (w - 1) / 2) if w > 1 else (c - 0.5, c + 0.5)
 
-    def _lut(self) -> np.ndarray:
+    def _lut(self) -> np.ndarray | None:
+        """Reversed grey table for MONOCHROME1 xor invert; None (identity, the Grayscale8 fast path,
+        no per-frame colour table) otherwise."""
         inv = (self._data.monochrome1 if self._data else False) != self.inverted
-        return INVERSE_LUT if inv else GRAY_LUT
+        return INVERSE_LUT if inv else None
 
     def _render(self) -> None:
         d = self._data
@@ -630,7 +645,10 @@ class ImageView(QWidget):
         if self._data is None:
             return
         self.overlay.set_texts(self.annotation_texts())
-        self.overlay.set_edges(edge_letters(self.meta, self.rotation, self.flip_h, self.flip_v))
+        key = (id(self.meta), self.rotation, self.flip_h, self.flip_v)
+        if key != getattr(self, "_edges_key", None):
+            self._edges_key = key
+            self.overlay.set_edges(edge_letters(self.meta, self.rotation, self.flip_h, self.flip_v))
 
     def _view_changed(self) -> None:
         if self._data is not None:

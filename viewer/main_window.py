@@ -398,8 +398,11 @@ class MainWindow(QMainWindow):
             self.show_message("Nothing to show", f"No readable DICOM series in {Path(path).name}: {reason}")
             return
         if select:
-            first = result.all_series()
-            self.select_series(first[0].series_uid)
+            # images first: an SR or presentation state (no pixels) is never the first thing shown
+            ranked = sorted(result.all_series(), key=lambda se: (se.rows == 0, se.kind == "other"))
+            for se in ranked[:3]:
+                if self.select_series(se.series_uid):
+                    break
 
     def _merge_index(self, new: IndexResult) -> None:
         """Add a new IndexResult to ``self.index`` (same patient/study/series merged, not duplicated)."""

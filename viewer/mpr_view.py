@@ -16,7 +16,6 @@ from PySide6.QtGui import QTransform
 from PySide6.QtWidgets import (QCheckBox, QGridLayout, QHBoxLayout, QLabel, QSpinBox, QVBoxLayout,
                                QWidget)
 
-from viewer.image_view import GRAY_LUT
 
 PLANES = ("axial", "coronal", "sagittal")
 COLORS = {"axial": (240, 200, 60), "coronal": (80, 220, 120), "sagittal": (90, 170, 255)}
@@ -202,8 +201,8 @@ class MPRView(QWidget):
         idx = {"axial": z, "coronal": y, "sagittal": x}
         mm = {"axial": (sx, sy), "coronal": (sx, sz), "sagittal": (sy, sz)}
         for plane in planes:
-            img = plane_image(hu, plane, idx[plane], slab)
-            self.panes[plane].set_image(img, *mm[plane], self._levels(), GRAY_LUT)
+            img = plane_image(hu, plane, idx[plane], slab).astype(np.float32)  # pyqtgraph fast path
+            self.panes[plane].set_image(img, *mm[plane], self._levels(), None)
         self._update_crosshair()
         self._update_info()
 

@@ -1,8 +1,10 @@
 """CT slice-score strip: one bar per axial slice, click to jump (COVNet-style slice scores).
 
-The strip paints each scored slice's probability as a bar over the whole stack (inferior on the
-left, as in engine.dicom.volume ordering), marks the displayed slice and the model's operating
-threshold, and numbers the most suspicious slices so the reader can go straight to them.
+The strip paints each scored slice's probability as a bar over the whole stack in the viewer's
+reading order (head on the left for axial CT, like the image numbers in the corner
+annotation), marks the displayed slice and the model's operating threshold, and numbers the
+most suspicious slices so the reader can go straight to them. Indices in and out are
+engine.dicom.volume indices (0 = most inferior); only the drawing follows reading order.
 """
 from __future__ import annotations
 
@@ -28,11 +30,12 @@ class SliceScoreStrip(QWidget):
         self._threshold: float | None = None
         self._current: int | None = None
         self._greyed = False
+        self._reversed = False      # True: volume index 0 (inferior) drawn on the right
         self.setMinimumHeight(54)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
         self.setMouseTracking(True)
-        self.setToolTip("Per-slice model probability (left = inferior). Click to show a slice; "
-                        "numbers mark the most suspicious slices.")
+        self.setToolTip("Per-slice model probability over the stack in reading order. Click to show "
+                        "a slice; numbers 1-5 mark the most suspicious slices.")
 
     def sizeHint(self) -> QSize:  # noqa: D102
         return QSize(260, 58)
@@ -49,6 +52,15 @@ class SliceScoreStrip(QWidget):
 
     def clear(self) -> None:
         self.set_scores([])
+
+    def set_reading_order(self, head_first: bool) -> None:
+        """Draw head first (reading order of axial CT in the viewer) instead of volume order."""
+        self._reversed = bool(head_first)
+        self.update()
+
+    def reading_number(self, index: int) -> int:
+        """1-based image number as the viewer's corner annotation shows it."""
+        return (self._n_slices - index) if self._reversed else index + 1
 
     def set_current(self, index: int | None) -> None:
         self._current = index
@@ -83,11 +95,13 @@ class SliceScoreStrip(QWidget):
             return None
         r = self._plot_rect()
         i = int((x - r.left()) / r.width() * self._n_slices)
-        return min(max(i, 0), self._n_slices - 1)
+        i = min(max(i, 0), self._n_slices - 1)
+        return self._n_slices - 1 - i if self._reversed else i
 
     def x_of(self, index: int) -> float:
         r = self._plot_rect()
-        return r.left() + (index + 0.5) / max(self._n_slices, 1) * r.width()
+        pos = (self._n_slices - 1 - index) if self._reversed else index
+        return r.left() + (pos + 0.5) / max(self._n_slices, 1) * r.width()
 
     # -- events -----------------------------------------------------------------------------
     def mousePressEvent(self, event: QMouseEvent) -> None:  # noqa: N802 - Qt API
@@ -104,8 +118,8 @@ class SliceScoreStrip(QWidget):
         i = self.index_at(event.position().x())
         s = self._scores.get(i) if i is not None else None
         if s is not None:
-            self.setToolTip(f"slice {s.slice_index + 1}/{self._n_slices}  z {s.z_mm:.1f} mm  "
-                            f"p = {s.probability:.2f}")
+            self.setToolTip(f"image {self.reading_number(s.slice_index)}/{self._n_slices}  "
+                            f"position {s.z_mm:.1f} mm  p = {s.probability:.2f}")
         super().mouseMoveEvent(event)
 
     def paintEvent(self, event) -> None:  # noqa: N802 - Qt API

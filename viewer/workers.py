@@ -48,8 +48,13 @@ def lower_thread_priority(nice: int = 10) -> None:
 
 
 def _default_analyze(series: Any, progress: Callable[[float, str], None],
-                     cancel: Callable[[], bool]) -> Any:
-    """engine.service.analyze_series, imported lazily (torch loads here, in the worker thread)."""
+                     cancel: Callable[[], bool], volume: Any = None) -> Any:
+    """engine.service.analyze_series (or analyze_volume when the viewer already loaded the CT),
+    imported lazily: torch loads here, in the worker thread."""
+    if volume is not None:
+        from engine.service import analyze_volume
+
+        return analyze_volume(series, volume, progress=progress, cancel=cancel)
     from engine.service import analyze_series
 
     return analyze_series(series, progress=progress, cancel=cancel)
@@ -61,6 +66,7 @@ class AnalysisRequest:
 
     request_id: int
     series: Any
+    volume: Any = None            # a CT Volume the viewer already loaded (not read twice)
     cancel_event: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
 
@@ -116,7 +122,8 @@ class _AnalysisJob(QRunnable):
             return
         self._emit("started", rid)
         try:
-            result = self.analyze(self.request.series, self._progress, self.request.cancelled)
+            extra = {"volume": self.request.volume} if self.request.volume is not None else {}
+            result = self.analyze(self.request.series, self._progress, self.request.cancelled, **extra)
         except AnalysisCancelled:
             self._emit("cancelled", rid)
             return
@@ -161,6 +168,7 @@ class AnalysisRunner(QObject):
         self._current: AnalysisRequest | None = None
         self._live: dict[int, AnalysisRequest] = {}   # submitted and not yet reported back
         self.stale_results = 0                          # late results of superseded requests dropped
+        self.last_series_uid: str | None = None         # series of the last error (for its receiver)
 
     # -- public API -------------------------------------------------------------------------
     @property
@@ -170,11 +178,12 @@ class AnalysisRunner(QObject):
     def is_busy(self) -> bool:
         return self._current is not None
 
-    def submit(self, series: Any) -> int:
-        """Queue ``series``; an older request is cancelled and its late result ignored."""
+    def submit(self, series: Any, volume: Any = None) -> int:
+        """Queue ``series`` (with its loaded CT ``volume`` if any); an older request is cancelled
+        and its late result ignored."""
         self._cancel_all_live()
         self._next_id += 1
-        req = AnalysisRequest(self._next_id, series)
+        req = AnalysisRequest(self._next_id, series, volume)
         was_busy = self._current is not None
         self._current = req
         self._live[req.request_id] = req
@@ -234,7 +243,9 @@ class AnalysisRunner(QObject):
         self.result.emit(result)
 
     def _on_failed(self, rid: int, message: str) -> None:
-        if self._done(rid) is not None:
+        req = self._done(rid)
+        if req is not None:
+            self.last_series_uid = req.series_uid
             self.error.emit(message)
 
     def _on_cancelled(self, rid: int) -> None:

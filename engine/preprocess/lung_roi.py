@@ -136,19 +136,15 @@ def _disk(r: int) -> np.ndarray:
     return (yy * yy + xx * xx) <= r * r
 
 
-def square_box(box: tuple[int, int, int, int], shape: tuple[int, int], margin: float = 0.08) -> tuple[int, int, int, int]:
-    """Expand a (y0, y1, x0, x1) lung box by ``margin`` of its size and make it square (inside ``shape``)
-    so the crop keeps the anatomy's aspect ratio when resized to the model input."""
+def margin_box(box: tuple[int, int, int, int], shape: tuple[int, int], margin: float = 0.06) -> tuple[int, int, int, int]:
+    """Expand a (y0, y1, x0, x1) lung box by ``margin`` of its height/width on each side (inside ``shape``).
+
+    Same rule as the training-side 2-D crop (engine.preprocess.ct_slices.lung_bbox, 6% margin, no
+    squaring: the crop is stretched to the model input), so training and inference crops match.
+    """
     y0, y1, x0, x1 = box
-    h, w = y1 - y0, x1 - x0
-    side = int(round(max(h, w) * (1.0 + 2 * margin)))
-    side = max(8, min(side, shape[0], shape[1]))
-    cy, cx = (y0 + y1) / 2.0, (x0 + x1) / 2.0
-    ny0 = int(round(cy - side / 2.0))
-    nx0 = int(round(cx - side / 2.0))
-    ny0 = min(max(0, ny0), shape[0] - side)
-    nx0 = min(max(0, nx0), shape[1] - side)
-    return ny0, ny0 + side, nx0, nx0 + side
+    my, mx = int(round(margin * (y1 - y0))), int(round(margin * (x1 - x0)))
+    return max(0, y0 - my), min(shape[0], y1 + my), max(0, x0 - mx), min(shape[1], x1 + mx)
 
 
 def choose_slices(roi: LungROI, min_fraction_of_max: float = 0.3, max_slices: int = 48) -> list[int]:

@@ -32,49 +32,86 @@ def _cpu_variant() -> bool:
 
 
 def _install_smoke_exit(t0: float) -> None:
-    """Wrap QApplication.exec so the event loop quits after the first paint of a main window."""
+    """Wrap QApplication.exec: report the first paint of the main window and the first displayed series
+    (MainWindow.series_opened, when the window has it), then quit the event loop."""
     timeout = float(os.environ.get("CHESTVIEW_SMOKE_TIMEOUT", "300"))
     from PySide6 import QtCore, QtWidgets
 
     original_exec = QtWidgets.QApplication.exec
 
-    class _FirstPaint(QtCore.QObject):
+    def main_windows() -> list:
+        app = QtWidgets.QApplication.instance()
+        return [w for w in app.topLevelWidgets() if isinstance(w, QtWidgets.QMainWindow) and w.isVisible()]
+
+    class _Watcher(QtCore.QObject):
         def __init__(self) -> None:
             super().__init__()
             self.window = None
+            self.painted = False
+            self.wants_series = False
+            self.series_seen = False
+            self.done = False
 
         def eventFilter(self, obj, event):  # noqa: N802 (Qt naming)
-            if (event.type() == QtCore.QEvent.Type.Paint and self.window is not None
+            if (not self.painted and event.type() == QtCore.QEvent.Type.Paint and self.window is not None
                     and isinstance(obj, QtWidgets.QWidget) and obj.window() is self.window):
-                QtCore.QTimer.singleShot(0, self.finish)
-                self.window = None
+                QtCore.QTimer.singleShot(0, self.on_paint)
             return False
 
-        def finish(self) -> None:
-            app = QtWidgets.QApplication.instance()
-            wins = [w for w in app.topLevelWidgets() if isinstance(w, QtWidgets.QMainWindow) and w.isVisible()]
-            w = wins[0] if wins else None
-            size = f"{w.width()}x{w.height()}" if w is not None else "?"
-            title = w.windowTitle() if w is not None else "?"
+        def on_paint(self) -> None:
+            if self.painted:
+                return
+            self.painted = True
+            w, app = self.window, QtWidgets.QApplication.instance()
             print(f"[chestview-smoke] first window painted after {time.time() - t0:.2f} s "
-                  f"(title {title!r}, {size}, platform {app.platformName()})", flush=True)
-            app.exit(0)
+                  f"(title {w.windowTitle()!r}, {w.width()}x{w.height()}, platform {app.platformName()})",
+                  flush=True)
+            if not self.wants_series or self.series_seen:
+                self.finish(0)
 
-    watcher = _FirstPaint()
+        def on_series(self, *_args) -> None:
+            if self.series_seen:
+                return
+            self.series_seen = True
+            print(f"[chestview-smoke] first series displayed after {time.time() - t0:.2f} s", flush=True)
+            if self.painted:
+                self.finish(0)
+
+        def finish(self, code: int) -> None:
+            if self.done:
+                return
+            self.done = True
+            QtWidgets.QApplication.instance().exit(code)
+            # Watchdog: worker threads or a busy GUI thread must not keep the smoke run alive.
+            import threading
+
+            def _force() -> None:
+                print("[chestview-smoke] forced exit 20 s after the event loop was told to quit", flush=True)
+                os._exit(code)
+
+            t = threading.Timer(20.0, _force)
+            t.daemon = True
+            t.start()
+
+    watcher = _Watcher()
 
     def poll() -> None:
-        app = QtWidgets.QApplication.instance()
-        wins = [w for w in app.topLevelWidgets() if isinstance(w, QtWidgets.QMainWindow) and w.isVisible()]
+        wins = main_windows()
         if wins and watcher.window is None:
-            watcher.window = wins[0]
-            app.installEventFilter(watcher)
-            wins[0].update()  # schedule a paint in case the first one already happened
-            QtCore.QTimer.singleShot(5000, watcher.finish)  # fallback: platform without paint events
-        elif time.time() - t0 > timeout:
-            print(f"[chestview-smoke] no main window after {timeout:.0f} s", flush=True)
-            app.exit(3)
-        elif not wins:
-            QtCore.QTimer.singleShot(50, poll)
+            w = watcher.window = wins[0]
+            signal = getattr(w, "series_opened", None)
+            if signal is not None and hasattr(signal, "connect"):
+                watcher.wants_series = True
+                signal.connect(watcher.on_series)
+            QtWidgets.QApplication.instance().installEventFilter(watcher)
+            w.update()  # schedule a paint in case the first one already happened
+            QtCore.QTimer.singleShot(5000, watcher.on_paint)  # fallback: a platform without paint events
+        if time.time() - t0 > timeout and not watcher.done:
+            what = "main window" if watcher.window is None else "displayed series"
+            print(f"[chestview-smoke] no {what} after {timeout:.0f} s", flush=True)
+            watcher.finish(3)
+        elif not watcher.done:
+            QtCore.QTimer.singleShot(100, poll)
 
     def exec_(*_args, **_kwargs):
         QtCore.QTimer.singleShot(0, poll)
