@@ -3,7 +3,8 @@
 A 5 ms precise QTimer on the GUI thread records the gap between ticks (viewer.workers.StallMeter)
 while viewer.workers.AnalysisRunner analyses the demo studies in its worker thread. Phases:
 idle baseline, startup (model cards: imports torch), CT cold (first analysis: model build),
-CT warm, X-ray warm. Prints max / p99 gap, gaps over 50 ms, the engine stage of the worst gap
+CT warm (engine reads the series), CT warm on an already loaded volume (the viewer's path),
+X-ray warm. Prints max / p99 gap, gaps over 50 ms, the engine stage of the worst gap
 and the ratio to the idle baseline measured in the same run; for the longest gaps, the worker's
 innermost engine/torch frames sampled right after the gap (the call that held the GIL).
 
@@ -43,6 +44,9 @@ def main() -> int:
     from PySide6.QtCore import QEventLoop, QTimer
     from PySide6.QtWidgets import QApplication
 
+    from viewer.app import protect_singletons   # PySide6 6.12 on CPython 3.11 refcount workaround
+
+    protect_singletons()
     app = QApplication.instance() or QApplication(sys.argv[:1])
     from engine.demo import build_demo
     from engine.service import open_path
@@ -101,12 +105,13 @@ def main() -> int:
     runner.result.connect(results.append)
     runner.error.connect(lambda msg: results.append(msg))
 
-    def run(series, name):
+    def run(series, name, volume=None):
         n0 = len(results)
 
         def start(meter):
             runner.progress.connect(lambda f, m: meter.mark(m))
-            runner.submit(series)
+            meter.mark("starting (imports, model load)")
+            runner.submit(series, volume=volume)
 
         phase(name, start, lambda: len(results) > n0)
         try:
@@ -117,6 +122,9 @@ def main() -> int:
     run(ct, "CT analysis, cold (model build)")
     for k in range(args.repeat):
         run(ct, f"CT analysis, warm #{k + 1}")
+    from engine.dicom.volume import load_volume
+
+    run(ct, "CT analysis, warm, viewer's volume", volume=load_volume(ct))   # what the viewer does
     run(cr, "X-ray analysis, warm")
     runner.shutdown()
 

@@ -35,7 +35,7 @@ from typing import Any, Callable
 from engine.errors import AnalysisCancelled, LoadError
 from engine.journal import Journal, fingerprint, study_key
 from engine.report import Deidentifier, build_results, build_row, collect_models, write_reports, write_thumbnail
-from engine.safe_decode import DEFAULT_TIMEOUT_S, Decoded, LimitedPool, decode_series, series_timeout
+from engine.safe_decode import DEFAULT_TIMEOUT_S, Decoded, LimitedPool, decode_series, reuse_decoded, series_timeout
 
 CancelFn = Callable[[], bool]
 
@@ -54,6 +54,7 @@ class BatchOptions:
     timeout_s: float = DEFAULT_TIMEOUT_S      # per series, plus 2 s per further file
     memory_mb: int | None = None              # per decode child; None = min(3 GiB, RAM/2)
     heatmaps: bool = True
+    reuse_pixels: bool = True                 # analysis reads the child's decoded pixels (no 2nd decode)
     batch_size: int | None = None             # X-rays per forward pass across studies; None = 8 on GPU, 1 on CPU
 
 
@@ -204,11 +205,14 @@ def series_outcome(series: Any, decoded: Decoded | LoadError, *, cancel: CancelF
     oc = SeriesOutcome(series, decoded, timings_ms={"decode": round(decoded.decode_ms, 1)})
     t0 = time.perf_counter()
     try:
-        oc.result = infer_stage(series, cancel=cancel, heatmaps=heatmaps, analyze_fn=analyze_fn)
+        with reuse_decoded([decoded]):
+            oc.result = infer_stage(series, cancel=cancel, heatmaps=heatmaps, analyze_fn=analyze_fn)
     except AnalysisCancelled:
         raise
     except Exception as e:  # analyze() must not raise for bad input; bound it anyway
         oc.error = f"analysis failed: {type(e).__name__}: {e}"
+    finally:
+        decoded.pixels = None             # full-resolution data is not kept beyond inference
     oc.timings_ms["analyze"] = round((time.perf_counter() - t0) * 1000.0, 1)
     return oc
 
@@ -231,7 +235,8 @@ def batch_outcomes(items: list[tuple[Any, Decoded | LoadError]], *, cancel: Canc
     if ok:
         t0 = time.perf_counter()
         try:
-            results = analyze_many_fn([oc.series for oc in ok], cancel=cancel, want_heatmaps=heatmaps)
+            with reuse_decoded([oc.decoded for oc in ok]):
+                results = analyze_many_fn([oc.series for oc in ok], cancel=cancel, want_heatmaps=heatmaps)
             if len(results) != len(ok):
                 raise RuntimeError(f"{len(results)} results for {len(ok)} series")
         except AnalysisCancelled:
@@ -240,6 +245,9 @@ def batch_outcomes(items: list[tuple[Any, Decoded | LoadError]], *, cancel: Canc
             results = [None] * len(ok)
             for oc in ok:
                 oc.error = f"analysis failed: {type(e).__name__}: {e}"
+        finally:
+            for oc in ok:
+                oc.decoded.pixels = None
         per = round((time.perf_counter() - t0) * 1000.0 / len(ok), 1)
         for oc, res in zip(ok, results):
             oc.result = res
@@ -410,7 +418,8 @@ def run_batch(opts: BatchOptions, *, progress: Callable[[int, int, float, float]
                 nonlocal nxt
                 while nxt < len(jobs) and len(pending) < window:
                     t, se = jobs[nxt]
-                    fut = pool.submit(decode_series, se, timeout_s=series_timeout(opts.timeout_s, len(se.instances)))
+                    fut = pool.submit(decode_series, se, opts.reuse_pixels,
+                                      timeout_s=series_timeout(opts.timeout_s, len(se.instances)))
                     pending.append((t, se, fut))
                     nxt += 1
 

@@ -288,17 +288,17 @@ def pixel_baseline(ds, seed: int = 0) -> dict:
     return out
 
 
-def feature_probes(feats: np.ndarray, ds) -> dict:
+def feature_probes(feats: np.ndarray, ds, train_idx: np.ndarray | None = None) -> dict:
     """Linear probes on the trained network's pooled features (train -> val): how well the features
     encode the image *source* among non-COVID images, and the effect of source-balanced weighting
     on a COVID-vs-rest head refitted on the frozen features."""
     from engine.datasets import source_balanced_weights
 
     rows = ds.rows
-    tr, va = ds.indices("train"), ds.indices("val")
+    tr, va = (ds.indices("train") if train_idx is None else train_idx), ds.indices("val")
     y = np.array([r["label"] == "covid" for r in rows], dtype=int)
     src = np.array([r["source"] for r in rows])
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"n_train": int(len(tr))}
     nc_tr, nc_va = tr[y[tr] == 0], va[y[va] == 0]
     ys = (src == "nih_cxr8_talo").astype(int)
     f = logreg_fit(feats[nc_tr], ys[nc_tr], None, l2=0.1)
@@ -414,8 +414,21 @@ def _progress(tag: str):
     return f
 
 
+def _round_fp16(model):
+    import copy
+
+    import torch
+
+    m16 = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in m16.state_dict().values():
+            if p.is_floating_point():
+                p.copy_(p.half().float())
+    return m16.eval()
+
+
 def evaluate_xray(model, info: dict, data: Path, write_card: bool, out_dir: Path, version: str,
-                  split: str, ood_quantile: float) -> dict:
+                  split: str, ood_quantile: float, max_train: int = 0) -> dict:
     import torch
 
     from engine.datasets import load_xray_set
@@ -426,6 +439,17 @@ def evaluate_xray(model, info: dict, data: Path, write_card: bool, out_dir: Path
     ds = load_xray_set(data, size=224)
     check_no_patient_leak(ds.rows)
     idx = {s: ds.indices(s) for s in ("train", "val", "test")}
+    if max_train and len(idx["train"]) > max_train:
+        # CPU budget: a random subset of training images (all severity-scored ones kept) for the OOD fit,
+        # the severity fit and the probes; val and test are always complete.
+        tr = idx["train"]
+        scored = np.array([bool(ds.rows[i].get("geographic_mean")) for i in tr])
+        rest = np.random.RandomState(0).permutation(tr[~scored])[:max(0, max_train - int(scored.sum()))]
+        idx["train"] = np.sort(np.concatenate([tr[scored], rest]))
+    # Score the weights as shipped: fp16-rounded (upcast to fp32 like the registry does); compare with
+    # the fp32 weights on a few validation images.
+    model32 = model
+    model = _round_fp16(model32)
     logits, feats = {}, {}
     for s in ("val", "test", "train"):
         if s == "test" and split != "test" and not write_card:
@@ -454,25 +478,29 @@ def evaluate_xray(model, info: dict, data: Path, write_card: bool, out_dir: Path
     all_rows = [ds.rows[i] for s in ("train", "val", "test") if s in logits for i in idx[s]]
     all_logits = np.concatenate([logits[s] for s in ("train", "val", "test") if s in logits])
     metrics["severity"] = severity_eval(all_rows, all_logits)
-    metrics["shortcut_probes"] = {"pixel_baseline": pixel_baseline(ds), "trained_features": feature_probes(
-        np.concatenate([feats[s] for s in ("train", "val", "test") if s in feats])[
-            np.argsort(np.concatenate([idx[s] for s in ("train", "val", "test") if s in feats]))]
-        if "test" in feats else _scatter(feats, idx, len(ds)), ds)}
+    metrics["shortcut_probes"] = {"pixel_baseline": pixel_baseline(ds),
+                                  "trained_features": feature_probes(_scatter(feats, idx, len(ds)), ds,
+                                                                     train_idx=idx["train"])}
     tensors, thr = fit_ood(feats["train"], quantile=ood_quantile)
     probes = xray_ood_inputs(data)
     ood = {"method": "Mahalanobis distance of pooled DenseNet features in a 32-component PCA basis "
                      "(engine.models.ood), threshold = training-score quantile",
-           "threshold": thr, "quantile": ood_quantile, "fitted_on": f"{len(feats['train'])} training X-rays",
+           "threshold": thr, "quantile": ood_quantile, "fitted_on": f"{len(feats['train'])} training X-rays"
+                                                                           " (fp16 weights)",
            "rejection": ood_rates(model, "xray", tensors, thr, probes,
                                   {f"{s}_xrays": feats[s] for s in ("val", "test") if s in feats})}
-    f16 = fp16_check(model, ds.x[idx["val"]], "xray", logits["val"])
-    sv16 = _xray_scores(f16.pop("logits16"))
-    f16["val_auc_fp32_vs_fp16"] = {lab: [M.roc_auc(tv[lab][tv[lab] >= 0], sv[lab][tv[lab] >= 0]),
-                                         M.roc_auc(tv[lab][tv[lab] >= 0], sv16[lab][tv[lab] >= 0])] for lab in labels}
-    keep16 = all(abs(a - b) < 0.005 for a, b in f16["val_auc_fp32_vs_fp16"].values())
+    n_cmp = min(48, len(idx["val"]))
+    l32, _ = forward_all(model32, ds.x[idx["val"][:n_cmp]], "xray")
+    diff = float(np.abs(l32 - logits["val"][:n_cmp]).max())
+    p32, p16 = _xray_scores(l32), _xray_scores(logits["val"][:n_cmp])
+    f16 = {"compared_on": f"first {n_cmp} validation images", "max_abs_logit_diff": diff,
+           "max_abs_prob_diff": max(float(np.abs(p32[k] - p16[k]).max()) for k in labels),
+           "note": "all metrics in this card are computed with the fp16-rounded weights as shipped"}
+    keep16 = f16["max_abs_prob_diff"] < 0.01
     result = {"kind": "xray", "thresholds": thresholds, "metrics": metrics, "ood": ood, "fp16": f16}
     if write_card:
-        result["card"] = str(_write_xray_card(model, info, ds, thresholds, metrics, ood, tensors, out_dir, version,
+        result["card"] = str(_write_xray_card(model if keep16 else model32, info, ds, thresholds, metrics, ood,
+                                              tensors, out_dir, version,
                                               "float16" if keep16 else "float32", f16))
     return result
 
@@ -492,11 +520,25 @@ def _counts(rows, keys=("source", "label", "split")) -> dict:
     return {"/".join(k): v for k, v in sorted(c.items())}
 
 
+_RUN_KEYS = ("config", "n_train", "started", "finished", "best_epoch", "epochs_run", "train_seconds", "stopped",
+             "balance", "size", "seed", "init")
+
+
 def _training_summary(info: dict) -> dict:
+    """The run's settings and timing; for a progressive-resizing run also the earlier stage(s)."""
     run = info.get("run") or {}
-    return {k: run.get(k) for k in ("config", "n_train", "started", "finished", "best_epoch", "epochs_run",
-                                    "train_seconds", "stopped", "balance", "size", "seed") if k in run} | \
-        {"run_dir": info.get("run_dir")}
+    out = {k: run.get(k) for k in _RUN_KEYS if k in run} | {"run_dir": info.get("run_dir")}
+    stages = []
+    init = run.get("init")
+    while init and (Path(init).parent / "run.json").is_file() and len(stages) < 5:
+        prev = json.loads((Path(init).parent / "run.json").read_text())
+        stages.append({k: prev.get(k) for k in _RUN_KEYS if k in prev} | {"run_dir": str(Path(init).parent)})
+        init = prev.get("init")
+    if stages:
+        out["earlier_stages"] = stages
+        out["total_train_seconds"] = float(run.get("train_seconds") or 0) + sum(
+            float(st.get("train_seconds") or 0) for st in stages)
+    return out
 
 
 def _write_xray_card(model, info, ds, thresholds, metrics, ood, tensors, out_dir: Path, version: str,
@@ -666,7 +708,8 @@ def evaluate_ct(model, info: dict, data: Path, write_card: bool, out_dir: Path, 
 
 # ---------------------------------------------------------------- CLI
 def evaluate(target: str, data: str, *, split: str = "val", write_card: bool = False, out_dir: str | None = None,
-             version: str = DEFAULT_VERSION, ood_quantile: float = 0.99, threads: int = 2) -> dict:
+             version: str = DEFAULT_VERSION, ood_quantile: float = 0.99, threads: int = 2,
+             max_train: int = 0) -> dict:
     import torch
 
     from engine.paths import models_dir
@@ -675,7 +718,7 @@ def evaluate(target: str, data: str, *, split: str = "val", write_card: bool = F
     model, info = load_for_eval(target)
     out = Path(out_dir) if out_dir else models_dir()
     if info["kind"] == "xray":
-        res = evaluate_xray(model, info, Path(data), write_card, out, version, split, ood_quantile)
+        res = evaluate_xray(model, info, Path(data), write_card, out, version, split, ood_quantile, max_train)
     else:
         res = evaluate_ct(model, info, Path(data), write_card, out, version, ood_quantile)
     return M.jsonable(res)
@@ -693,6 +736,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", default=DEFAULT_VERSION)
     p.add_argument("--ood-quantile", type=float, default=0.99)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-train", type=int, default=0,
+                   help="X-ray: use at most N training images for the OOD fit / probes (0 = all; CPU budget)")
     p.add_argument("--json", help="also write the full result JSON here")
     return p
 
@@ -723,7 +768,7 @@ def cli_main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     t0 = time.time()
     res = evaluate(a.model, a.data, split=a.split, write_card=a.write_card, out_dir=a.out, version=a.version,
-                   ood_quantile=a.ood_quantile, threads=a.threads)
+                   ood_quantile=a.ood_quantile, threads=a.threads, max_train=a.max_train)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
     print(_headline(res))

@@ -24,13 +24,15 @@ Public pieces (reused by the Ray engine, whose CPU tasks call :func:`decode_seri
 """
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import threading
 import time
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 from engine.errors import LoadError
 
@@ -39,6 +41,7 @@ CT_THUMB_SIDE = 192        # CT slice thumbnails (one per slice, so smaller)
 DEFAULT_TIMEOUT_S = 60.0   # per series, plus TIMEOUT_PER_EXTRA_FILE_S per further file
 TIMEOUT_PER_EXTRA_FILE_S = 2.0
 DEFAULT_MEMORY_MB = 3072   # address-space bound of one decode child
+MAX_RETURNED_PIXEL_BYTES = 160 * 2**20  # decoded pixels larger than this stay in the child
 
 
 def default_memory_mb() -> int:
@@ -74,7 +77,7 @@ class Decoded:
     n_images: int = 0
     decode_ms: float = 0.0
     warnings: list[str] = field(default_factory=list)
-    pixels: Any = None         # optional full data (gray01 or Volume) when asked for
+    pixels: Any = None         # keep_pixels: ("frame", path, index, Frame) or ("volume", series_uid, Volume)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,11 +109,14 @@ def _lung_window01(hu: Any) -> Any:
     return np.clip((np.asarray(hu, dtype=np.float32) - (center - width / 2.0)) / width, 0.0, 1.0)
 
 
-def decode_series(series: Any, keep_pixels: bool = False) -> Decoded:
+def decode_series(series: Any, keep_pixels: bool = False,
+                  max_pixel_bytes: int = MAX_RETURNED_PIXEL_BYTES) -> Decoded:
     """Decode one SeriesRecord the way the viewer displays it; raises LoadError on failure.
 
     X-ray and other modalities: the first instance through engine.dicom.pixels
     (``load_frame`` + ``display_gray01``). CT: ``engine.dicom.volume.load_volume`` in lung window.
+    With ``keep_pixels`` the decoded Frame / Volume comes back too (when at most
+    ``max_pixel_bytes``) so that :func:`reuse_decoded` can hand it to the analysis.
     """
     t0 = time.perf_counter()
     if not series.instances:
@@ -125,17 +131,19 @@ def decode_series(series: Any, keep_pixels: bool = False) -> Decoded:
             dec.image_shape = (int(hu.shape[1]), int(hu.shape[2]))
             dec.thumbs = [_to_thumb(_lung_window01(hu[z]), CT_THUMB_SIDE) for z in range(hu.shape[0])]
             dec.warnings = [str(w) for w in getattr(vol, "warnings", [])]
-            if keep_pixels:
-                dec.pixels = vol
+            if keep_pixels and int(hu.nbytes) <= max_pixel_bytes:
+                dec.pixels = ("volume", series.series_uid, vol)
         else:
             from engine.dicom.pixels import display_gray01, load_frame
 
-            frame = load_frame(series.instances[0].path)
+            path = series.instances[0].path
+            frame = load_frame(path)
             gray = display_gray01(frame)
             dec.image_shape = (int(gray.shape[0]), int(gray.shape[1]))
             dec.thumbs = [_to_thumb(gray, THUMB_SIDE)]
-            if keep_pixels:
-                dec.pixels = gray
+            size = sum(int(getattr(getattr(frame, a, None), "nbytes", 0)) for a in ("values", "stored"))
+            if keep_pixels and size <= max_pixel_bytes:
+                dec.pixels = ("frame", str(path), 0, frame)
     except LoadError:
         raise
     except MemoryError:
@@ -145,6 +153,72 @@ def decode_series(series: Any, keep_pixels: bool = False) -> Decoded:
         raise LoadError(None, f"could not decode: {type(exc).__name__}: {exc}")
     dec.decode_ms = (time.perf_counter() - t0) * 1000.0
     return dec
+
+
+# ----------------------------------------------------------------------------------------------
+# Reusing the child's pixels in the parent
+# ----------------------------------------------------------------------------------------------
+_reuse = threading.local()
+_hooks_lock = threading.Lock()
+_hooks_installed = False
+
+
+def _install_reuse_hooks() -> None:
+    """Wrap engine.dicom.pixels.load_frame and engine.dicom.volume.load_volume (once).
+
+    The wrappers return a Frame/Volume registered by :func:`reuse_decoded` *in the calling thread*
+    and otherwise call the original, so every other caller (viewer threads, tests) is unaffected.
+    engine.analysis imports both inside its functions, so it sees the wrappers.
+    """
+    global _hooks_installed
+    with _hooks_lock:
+        if _hooks_installed:
+            return
+        import engine.dicom.pixels as px
+        import engine.dicom.volume as vm
+
+        orig_frame, orig_volume = px.load_frame, vm.load_volume
+
+        @functools.wraps(orig_frame)
+        def load_frame(path: Any, frame: int = 0, *args: Any, **kwargs: Any) -> Any:
+            hit = (getattr(_reuse, "frames", None) or {}).get((str(path), int(frame)))
+            return hit if hit is not None else orig_frame(path, frame, *args, **kwargs)
+
+        @functools.wraps(orig_volume)
+        def load_volume(series: Any, *args: Any, **kwargs: Any) -> Any:
+            hit = (getattr(_reuse, "volumes", None) or {}).get(getattr(series, "series_uid", None))
+            return hit if hit is not None else orig_volume(series, *args, **kwargs)
+
+        px.load_frame, vm.load_volume = load_frame, load_volume
+        _hooks_installed = True
+
+
+@contextmanager
+def reuse_decoded(decoded: Iterable[Any]) -> Iterator[None]:
+    """Within the block, this thread's load_frame/load_volume return what the child decoded.
+
+    Why: the analysis then reads exactly the pixels the memory- and time-bounded child produced
+    (same loader, same file) instead of decoding untrusted data a second time, unbounded, in the
+    parent. Series whose pixels stayed in the child (too large) are decoded by the analysis as usual.
+    """
+    frames: dict[tuple[str, int], Any] = {}
+    volumes: dict[str, Any] = {}
+    for d in decoded:
+        px = getattr(d, "pixels", None)
+        if isinstance(px, tuple) and len(px) == 4 and px[0] == "frame":
+            frames[(px[1], int(px[2]))] = px[3]
+        elif isinstance(px, tuple) and len(px) == 3 and px[0] == "volume":
+            volumes[px[1]] = px[2]
+    if not frames and not volumes:
+        yield
+        return
+    _install_reuse_hooks()
+    old = getattr(_reuse, "frames", None), getattr(_reuse, "volumes", None)
+    _reuse.frames, _reuse.volumes = frames, volumes
+    try:
+        yield
+    finally:
+        _reuse.frames, _reuse.volumes = old
 
 
 # ----------------------------------------------------------------------------------------------

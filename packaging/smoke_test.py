@@ -7,7 +7,8 @@ Runs the *installed* app (install.sh into a temporary prefix, then the `chestvie
 (QT_QPA_PLATFORM=offscreen), with a private CHESTVIEW_HOME so nothing lands in the user's data:
   1. `chestview --version`                  start-up time of the frozen interpreter + argparse;
   2. `chestview selftest`                   version, models + hashes, decoders, CPU/GPU, demo analysed;
-  3. `chestview view --demo` + CHESTVIEW_SMOKE_EXIT=1 (packaging/rthooks) time to the first painted window;
+  3. `chestview view --demo` + CHESTVIEW_SMOKE_EXIT=1 (packaging/rthooks): time to the first painted
+     window and to the first displayed demo series;
   4. uninstall.sh                           removes the prefix, the symlink and the menu entry.
 Standard library only (it tests the bundle, not the venv). Exit status 0 only if every step passed.
 Research use only, not for diagnostic use.
@@ -115,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(f"viewer did not paint its first window (exit {rc})")
         else:
             results["first_window_s"] = float(m.group(1))
+        m = re.search(r"\[chestview-smoke\] first series displayed after ([0-9.]+) s", out)
+        if m:
+            results["first_series_s"] = float(m.group(1))
 
         rc, out, dt = run(["sh", str(prefix / "uninstall.sh")], env, 300, "uninstall.sh")
         if rc != 0 or prefix.exists() or exe.is_symlink() or (datadir / "applications" / "chestview.desktop").exists():

@@ -219,9 +219,19 @@ def test_ct_analysis_strip_heatmaps_and_gui_stall(qtbot, window, demo_dir, artif
     vol = w.current_volume
     assert vol is not None and vol.series_uid == ct.series_uid
     checksum = int(np.asarray(vol.hu, dtype=np.int64).sum())
+    # Cancel from the panel: the engine stops, nothing is shown or cached.
+    ai.run_current()
+    assert ai.is_busy() and ai.panel.cancel_button.isEnabled()
+    ai.panel.cancel_button.click()
+    assert ai.runner.wait(120_000)
+    qtbot.wait(50)
+    assert not ai.is_busy() and ct.series_uid not in ai.results
+    assert "cancelled" in ai.panel.status_label.text() and ai.panel.run_button.isEnabled()
+
     meter = StallMeter()
     ai.runner.progress.connect(lambda f, m: meter.mark(m))
     meter.start()
+    meter.mark("starting")
     ai.run_current()
     res = wait_result(qtbot, ai, ct.series_uid)
     stall = meter.stop()
@@ -381,3 +391,45 @@ def test_overlay_rendering_functions():
     (c,) = threshold_contours(hm, 0.5)            # one closed ring at radius 50 around (100, 150)
     r = np.hypot(c[:, 0] - 100.5, c[:, 1] - 150.5)
     assert abs(float(r.mean()) - 50.0) < 1.5 and np.allclose(c[0], c[-1])
+
+
+def _trained_xray_result(passed: bool) -> StudyResult:
+    """A StudyResult as a trained X-ray model would return it (panel rendering only)."""
+    from engine.results import Finding, ModelInfo, Severity, Validity
+
+    m = ModelInfo("xray-densenet121", "1.0.0", True, "0" * 64, label="ChestView X-ray DenseNet-121 1.0.0 (trained)")
+    u = ModelInfo("ct-inception", "0.0.0", False, "")
+    fs = [Finding(lbl, p, 0.5, passed and p >= 0.5, m.name, m.version)
+          for lbl, p in [("Effusion", 0.2), ("Lung Opacity", 0.81), ("Pneumonia", 0.55)]]
+    fs.append(Finding("COVID-19", 0.9, 0.5, False, u.name, u.version))       # from the untrained model
+    reasons = [] if passed else ["Body Part Examined is KNEE, not chest"]
+    return StudyResult("1.2", "1.2.3", "CR", "xray", Validity(passed, reasons), fs,
+                       Severity(3.74, 2.41, 0.4, m.name, m.version), [], [m, u],
+                       timings_ms={"inference": 93.0}, device="cpu (2 threads, fp32)")
+
+
+def test_findings_panel_renders_trained_and_greyed(qtbot):
+    from viewer.findings_panel import FindingsPanel
+
+    p = FindingsPanel()
+    qtbot.addWidget(p)
+    p.show()
+    p.show_result(_trained_xray_result(passed=True))
+    assert list(p.finding_rows) == ["Lung Opacity", "Pneumonia", "Effusion"]   # positives first
+    assert "COVID-19" not in p.finding_rows                                      # untrained: never a finding
+    name, bar, val = p.finding_rows["Lung Opacity"]
+    assert bar.threshold == 0.5 and bar.value == pytest.approx(0.81) and "▲" in val.text()
+    assert not bar.greyed and name.isEnabled() and name.font().bold()
+    assert p.extent_value.text() == "3.7 / 8" and p.opacity_value.text() == "2.4 / 6"
+    assert p.extent_bar.fill_fraction() == pytest.approx(3.74 / 8)
+    assert "ct-inception 0.0.0" in " ".join(
+        p.findings_layout.itemAt(i).widget().text() for i in range(p.findings_layout.count())
+        if hasattr(p.findings_layout.itemAt(i).widget(), "text"))
+    assert "cpu" in p.smallprint.text() and RESEARCH_USE in p.smallprint.text()
+
+    p.show_result(_trained_xray_result(passed=False))
+    assert "Failed" in p.validity_label.text() and "KNEE" in p.validity_label.text()
+    name, bar, val = p.finding_rows["Lung Opacity"]
+    assert bar.greyed and not name.isEnabled() and "▲" not in val.text()
+    assert p.extent_bar.greyed
+    assert p.research_label.isVisible() and p.research_label.text() == RESEARCH_USE

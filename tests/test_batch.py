@@ -144,6 +144,45 @@ def test_crafted_huge_declared_size_is_refused(tmp_path):
     assert "MiB" in ei.value.reason or "memory" in ei.value.reason
 
 
+def test_analysis_reads_the_pixels_the_bounded_child_decoded(demo_dir, tmp_path):
+    """The parent never decodes a second time: analyze() gets the child's Frame, in this thread only."""
+    import threading
+
+    from engine.batch import series_outcome
+    from engine.dicom.records import InstanceRecord, SeriesRecord
+    from engine.safe_decode import reuse_decoded
+
+    inp = _xray_folder(demo_dir, tmp_path / "in", 1)
+    se = SeriesRecord(_uid("chest0", "series"), _uid("chest0", "study"), "PID-778890", "CR", 1, "", "CHEST", "PA",
+                      instances=[InstanceRecord(str(inp / "study0" / "cr.dcm"), _uid("chest0", "sop"), 1)])
+    dec = run_limited(decode_series, se, True, timeout_s=60)
+    assert dec.pixels[0] == "frame" and dec.pixels[3].values.shape == dec.image_shape
+    (inp / "study0" / "cr.dcm").rename(tmp_path / "moved.dcm")       # the file is gone from the parent's view
+    other_thread: list = []
+    with reuse_decoded([dec]):
+        from engine.dicom.pixels import load_frame
+
+        t = threading.Thread(target=lambda: other_thread.append(_load_or_reason(load_frame, se)))
+        t.start()
+        t.join()
+    assert other_thread and isinstance(other_thread[0], str)          # other threads read the disk
+    oc = series_outcome(se, dec)
+    assert oc.error is None and oc.result.error is None and oc.result.kind == "xray"
+    assert dec.pixels is None                                          # full pixels dropped after use
+    dec2 = run_limited(decode_series, SeriesRecord(se.series_uid, se.study_uid, "P", "CR", instances=[
+        InstanceRecord(str(tmp_path / "moved.dcm"), "1", 1)]), timeout_s=60)
+    assert dec2.pixels is None                                         # only when asked for
+    oc2 = series_outcome(se, dec2)
+    assert oc2.result.error and "read" in oc2.result.error             # without reuse the analysis reads the disk
+
+
+def _load_or_reason(load_frame, se):
+    try:
+        return load_frame(se.instances[0].path)
+    except LoadError as e:
+        return e.reason
+
+
 def test_output_inside_input_is_refused(demo_dir, tmp_path, capsys):
     from engine.batch import cli_main
 

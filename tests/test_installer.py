@@ -159,9 +159,15 @@ runpy.run_path(sys.argv[2])
 print("CUDA_VISIBLE_DEVICES=" + repr(os.environ.get("CUDA_VISIBLE_DEVICES")))
 print("VARIANT=" + os.environ.get("CHESTVIEW_BUILD_VARIANT", ""))
 if os.environ.get("CHESTVIEW_SMOKE_EXIT"):
-    from PySide6 import QtWidgets
+    from PySide6 import QtCore, QtWidgets
+
+    class Main(QtWidgets.QMainWindow):  # like viewer.main_window.MainWindow's contract
+        series_opened = QtCore.Signal(object)
+
     app = QtWidgets.QApplication([])
-    w = QtWidgets.QMainWindow()
+    w = Main() if os.environ.get("PROBE_SERIES") else QtWidgets.QMainWindow()
+    if os.environ.get("PROBE_SERIES"):
+        QtCore.QTimer.singleShot(300, lambda: w.series_opened.emit("series"))
     w.setWindowTitle("probe")
     w.setCentralWidget(QtWidgets.QLabel("hello"))
     w.show()
@@ -188,6 +194,13 @@ def test_runtime_hook_cpu_variant_and_smoke_exit(tmp_path: Path) -> None:
     assert "[chestview-smoke] first window painted after" in r.stdout, r.stdout + r.stderr
     assert "title 'probe'" in r.stdout and "platform offscreen" in r.stdout
     assert "EXEC_RC=0" in r.stdout
+    assert "first series displayed" not in r.stdout  # a window without series_opened: paint is enough
+
+    env["PROBE_SERIES"] = "1"
+    r = subprocess.run(run, capture_output=True, text=True, env=env, timeout=120)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[chestview-smoke]")]
+    assert len(lines) == 2 and "first window painted" in lines[0], r.stdout + r.stderr
+    assert "first series displayed after" in lines[1] and "EXEC_RC=0" in r.stdout
 
 
 # ---------------------------------------------------------------- the real build (opt-in)

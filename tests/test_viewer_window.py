@@ -58,9 +58,13 @@ def _mouse(vp, kind, pos: QPoint, button, buttons):
     QApplication.sendEvent(vp, ev)
 
 
-def _drag(vp, p1: QPoint, p2: QPoint, button=Qt.MouseButton.LeftButton, steps=8):
+def _drag(vp, p1: QPoint, p2: QPoint, button=Qt.MouseButton.LeftButton, steps=6):
+    """Press, move, release like a hand would: pyqtgraph ignores move events closer than ~16 ms
+    apart (GraphicsScene rate limit), so each step waits a little."""
+    QTest.qWait(20)
     _mouse(vp, QEvent.Type.MouseButtonPress, p1, button, button)
     for k in range(1, steps + 1):
+        QTest.qWait(20)
         _mouse(vp, QEvent.Type.MouseMove, p1 + (p2 - p1) * (k / steps), Qt.MouseButton.NoButton, button)
     _mouse(vp, QEvent.Type.MouseButtonRelease, p2, button, Qt.MouseButton.NoButton)
 
@@ -110,6 +114,8 @@ def test_ct_annotations_keyboard_scrolling_and_presets(win, qtbot, artifacts_dir
     QTest.keyClick(iv, Qt.Key.Key_End)
     assert iv.current_slice() == 0
     iv.set_slice(i0)
+    win.activateWindow()                            # window shortcuts need the active window
+    qtbot.waitUntil(win.isActiveWindow, timeout=5000)
     # HU displayed: the slice values are the volume's HU
     assert np.array_equal(iv.current_values(), vol.hu[i0])
     QTest.keyClick(iv, Qt.Key.Key_2)
@@ -405,7 +411,7 @@ def test_cine_drag_and_drop_recent_and_remembered_layout(win, qtbot, demo_dir, t
     shutil.copy(next((demo_dir / "CR_TIBIA").glob("*.dcm")), folder / "x.dcm")
     md = QMimeData()
     md.setUrls([QUrl.fromLocalFile(str(folder))])
-    enter = QDragEnterEvent(QPointF(10, 10), Qt.DropAction.CopyAction, md, Qt.MouseButton.LeftButton,
+    enter = QDragEnterEvent(QPoint(10, 10), Qt.DropAction.CopyAction, md, Qt.MouseButton.LeftButton,
                             Qt.KeyboardModifier.NoModifier)
     win.dragEnterEvent(enter)
     assert enter.isAccepted()

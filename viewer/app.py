@@ -56,4 +56,22 @@ def run_viewer(paths: list[str]) -> int:
     win.show()
     for i, p in enumerate(paths):
         QTimer.singleShot(0, lambda p=p, i=i: win.open_path(p, select=(i == 0)))
-    return int(app.exec())
+    QTimer.singleShot(0, lambda: _autostart_pacs(win))
+    try:
+        return int(app.exec())
+    finally:
+        try:
+            from viewer.pacs_dialog import stop_storage_scp
+
+            stop_storage_scp(win)
+        except Exception:  # noqa: BLE001 - shutting down: nothing left to tell the user
+            pass
+
+
+def _autostart_pacs(win) -> None:
+    """Start the DICOM storage listener when Settings > Network asks for it at start-up."""
+    try:
+        from viewer.pacs_dialog import autostart_storage_scp
+    except ImportError:
+        return
+    autostart_storage_scp(win)

@@ -507,7 +507,7 @@ class FindingsPanel(QWidget):
         trained_t = {h.target for h in result.heatmaps if lookup.get((h.model_name, h.model_version), False)}
         labels = []
         for t in targets:
-            lab = t
+            lab = "Severity (extent, Cohen 2020)" if t == "severity" else t
             if t not in trained_t:
                 lab += " (untrained model — not a finding)"
             elif greyed:
