@@ -7,7 +7,8 @@ processes while the parent runs inference; journal, thumbnails and report includ
 
 Each configuration runs in a fresh subprocess (cold start included: imports and model loading are
 part of what a user waits for) on the same folder: real full-size CR radiographs from the demo
-(chest and tibia, given new UIDs so each is its own study), and with ``--ct`` also the CT phantom.
+(chest uncompressed / JPEG 2000 lossless / lossy, and tibia, in turn, given new UIDs so each is its
+own study), and with ``--ct`` also the CT phantom.
 
     .venv/bin/python bench/bench_batch.py [--studies 8] [--ct] [--device cpu|cuda]
 
@@ -37,9 +38,11 @@ def build_folder(root: Path, n: int, with_ct: bool) -> Path:
     from engine.demo import ensure_demo
 
     demo = ensure_demo()
-    srcs = [demo / "CR_CHEST" / "CR_01_UNCR.dcm", demo / "CR_TIBIA" / "CR_01_UNCR.dcm"]
+    # uncompressed, JPEG 2000 lossless and lossy chest CRs and a tibia (the gate fails), in turn:
+    # archives hold compressed images, and decoding them is where a decode pool pays off
+    srcs = sorted((demo / "CR_CHEST").glob("*.dcm")) + [demo / "CR_TIBIA" / "CR_01_UNCR.dcm"]
     for i in range(n):
-        ds = pydicom.dcmread(srcs[1] if i % 4 == 3 else srcs[0])   # every 4th study a tibia (gate fails)
+        ds = pydicom.dcmread(srcs[i % len(srcs)])
         ent = ["chestview-bench-batch", str(i)]
         ds.StudyInstanceUID = generate_uid(prefix="1.2.826.0.1.3680043.8.498.", entropy_srcs=ent + ["st"])
         ds.SeriesInstanceUID = generate_uid(prefix="1.2.826.0.1.3680043.8.498.", entropy_srcs=ent + ["se"])

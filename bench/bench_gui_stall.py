@@ -33,7 +33,13 @@ def main() -> int:
     ap.add_argument("--stacks", type=int, default=3, help="longest gaps per phase to print with worker stacks")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads (CHESTVIEW_THREADS); 0 = the viewer's policy: physical cores - 1")
+    ap.add_argument("--nice", type=int, default=None,
+                    help="worker thread nice value (viewer.workers.WORKER_NICE; 0 = same as the GUI)")
     args = ap.parse_args()
+    if args.nice is not None:
+        import viewer.workers
+
+        viewer.workers.WORKER_NICE = args.nice
     if args.threads:
         os.environ["CHESTVIEW_THREADS"] = str(args.threads)
     else:   # what the viewer does (AIController): one core left for the GUI thread

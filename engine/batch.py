@@ -5,10 +5,14 @@ same functions over a Ray Dataset:
 
 1. :func:`plan_batch` — index the input (headers only, engine.dicom.index) into
    :class:`StudyTask` items with a fingerprint, plus the files the index skipped.
-2. :func:`decode_stage` — decode one series in a memory- and time-bounded child
-   (engine.safe_decode): thumbnails for the report, or a LoadError reason.
+2. :func:`decode_stage` (``engine.safe_decode.decode_series`` in a ``LimitedPool``) — decode one
+   series in a memory- and time-bounded child: thumbnails for the report and the decoded
+   Frame/Volume, or a LoadError reason. A decode failure never reaches inference.
 3. :func:`infer_stage` — the *same* ``engine.analysis.analyze`` call the viewer makes
-   (preprocessing, validity gate, model, Grad-CAM) -> StudyResult.
+   (preprocessing, validity gate, model, Grad-CAM) -> StudyResult. Inside
+   ``engine.safe_decode.reuse_decoded`` the analysis reads the child's pixels, so untrusted data
+   is decoded once, bounded. :func:`batch_outcomes` does the same for several X-rays with
+   ``analyze_many`` (``--batch-size``, default 8 on a GPU: one forward pass across studies).
 4. :func:`series_outcome` / :func:`study_record` — thumbnail PNG + one row per series
    (engine.report.build_row), grouped per study.
 5. :class:`engine.journal.Journal` — each study's record committed atomically when done;
@@ -16,7 +20,8 @@ same functions over a Ray Dataset:
 6. :func:`finalize` — results.json / results.csv / report.html derived from the journal only.
 
 On one machine decode runs in ``--workers`` child processes while the parent runs inference, so
-both cores are busy; memory is bounded by a small prefetch window. Input is only ever read; an
+both cores are busy; memory is bounded by a small prefetch window (``workers + batch_size + 1``
+decoded series; full pixels over 160 MiB stay in the child and are re-read by the analysis). Input is only ever read; an
 output folder inside the input folder is refused. Logs carry counts and relative file paths,
 never patient names, IDs or birth dates.
 """
@@ -41,8 +46,11 @@ CancelFn = Callable[[], bool]
 
 
 def default_workers() -> int:
-    """Decode children: the cores beside the inference thread, at least 1, at most 4."""
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
+    """Decode children: the cores beside the inference thread, at least 2, at most 4.
+
+    At least 2 because decoding (JPEG 2000 above all) usually takes longer than inference, so one
+    child leaves the inference waiting (bench/bench_batch.py: 2 children beat 1 on 2 cores)."""
+    return max(2, min(4, (os.cpu_count() or 2) - 1))
 
 
 @dataclass
@@ -496,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deidentify", action="store_true",
                    help="replace patient name, ID and birth date by a stable pseudonym in every output")
     p.add_argument("--workers", type=int, default=default_workers(),
-                   help="decode processes beside inference (default: cores - 1)")
+                   help="decode processes beside inference (default: cores - 1, at least 2, at most 4)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                    help="decode time limit per series in seconds (+2 s per further file)")
     p.add_argument("--max-memory-mb", type=int, default=None,

@@ -155,9 +155,13 @@ def logreg_fit(x: np.ndarray, y: np.ndarray, w: np.ndarray | None = None, l2: fl
     return lambda xn: sigmoid(((xn - mu) / sd) @ c + bb)
 
 
-def report_block(y: np.ndarray, s: np.ndarray, thr: float, groups, extra_thresholds=(0.3, 0.5)) -> dict:
+def report_block(y: np.ndarray, s: np.ndarray, thr: float, groups, extra_thresholds=(0.3, 0.5),
+                 sweep: bool = True) -> dict:
     """Metrics at the operating point with CIs + a sweep incl. 0.3 / 0.5 / the operating point."""
     rep = M.binary_report_ci(y, s, thr, groups=groups, n_boot=N_BOOT)
+    if not sweep:
+        rep["sweep"] = M.threshold_sweep(y, s, sorted({*extra_thresholds, round(thr, 6)}))
+        return rep
     ths = sorted({*extra_thresholds, 0.1, 0.2, 0.4, 0.6, 0.7, 0.8, 0.9, round(thr, 6)})
     rep["sweep"] = M.threshold_sweep(y, s, ths)
     return rep
@@ -202,9 +206,40 @@ def xray_label_metrics(rows, scores, thresholds, labels) -> dict:
             k = keep & (src == so)
             if k.sum() == 0:
                 continue
-            block[so] = report_block(y[k], s[k], thresholds[lab], groups[k])
+            block[so] = report_block(y[k], s[k], thresholds[lab], groups[k], sweep=False)
         out[lab] = block
     return out
+
+
+def severity_calibration(rows, logits) -> dict | None:
+    """Affine map z' = scale*z + shift of the Lung Opacity logit so that Cohen et al.'s fixed extent
+    formula (0.8705 z' + 3.4137) fits the expert geographic extent on the *train-split* scored images.
+    Folded into the classifier row, so the app's unchanged severity code gives calibrated scores;
+    monotone (scale > 0), so Lung Opacity AUCs are unchanged. None if it cannot be fitted sensibly."""
+    from engine.models.densenet_xray import LUNG_OPACITY_INDEX
+    from engine.severity import GEO_INTERCEPT, GEO_SLOPE
+
+    idx = [i for i, r in enumerate(rows) if r.get("geographic_mean") and r["split"] == "train"]
+    if len(idx) < 10:
+        return None
+    z = logits[idx, LUNG_OPACITY_INDEX].astype(np.float64)
+    geo = np.array([float(rows[i]["geographic_mean"]) for i in idx])
+    if z.std() < 1e-6:
+        return None
+    alpha, beta = np.polyfit(z, geo, 1)
+    if alpha <= 0:
+        return None
+    return {"scale": float(alpha / GEO_SLOPE), "shift": float((beta - GEO_INTERCEPT) / GEO_SLOPE),
+            "fitted_on": f"{len(idx)} train-split images of severity.csv (geographic extent)",
+            "pearson_r_train": float(np.corrcoef(z, geo)[0, 1])}
+
+
+def _fold_affine(model, j: int, a: float, b: float) -> None:
+    import torch
+
+    with torch.no_grad():
+        model.classifier.weight[j] *= a
+        model.classifier.bias[j] = a * model.classifier.bias[j] + b
 
 
 def severity_eval(rows, logits, n_repeats: int = 50) -> dict:
@@ -225,8 +260,8 @@ def severity_eval(rows, logits, n_repeats: int = 50) -> dict:
     po = np.array([opacity(v) for v in z])
     out: dict[str, Any] = {
         "n_images": len(idx), "by_split": {s: int((split == s).sum()) for s in ("train", "val", "test")},
-        "fixed_formula": {"note": "Cohen et al.'s constants applied to our Lung Opacity logit unchanged "
-                                  "(they were fitted to torchxrayvision's logit scale, not ours)"},
+        "fixed_formula": {"note": "Cohen et al.'s constants applied to the shipped Lung Opacity logit (after the "
+                                  "train-split calibration below, when applied): what the app shows"},
     }
     for name, sel in [("held_out_val_test", split != "train"), ("all_94", np.ones(len(idx), bool))]:
         out["fixed_formula"][name] = {"geographic_extent": M.regression_metrics(geo[sel], pg[sel]),
@@ -432,7 +467,7 @@ def evaluate_xray(model, info: dict, data: Path, write_card: bool, out_dir: Path
     import torch
 
     from engine.datasets import load_xray_set
-    from engine.models.densenet_xray import COVID_CLASSES, XRV_PATHOLOGIES
+    from engine.models.densenet_xray import COVID_CLASSES, LUNG_OPACITY_INDEX
     from engine.models.ood import fit_ood
     from engine.splits import check_no_patient_leak
 
@@ -456,6 +491,13 @@ def evaluate_xray(model, info: dict, data: Path, write_card: bool, out_dir: Path
             continue
         logits[s], feats[s] = forward_all(model, ds.x[idx[s]], "xray", progress=_progress(s))
     rows = {s: [ds.rows[i] for i in idx[s]] for s in idx}
+    calibration = severity_calibration(rows["train"], logits["train"])
+    if calibration:
+        a, b = calibration["scale"], calibration["shift"]
+        for s in logits:
+            logits[s][:, LUNG_OPACITY_INDEX] = a * logits[s][:, LUNG_OPACITY_INDEX] + b
+        for m in (model, model32):
+            _fold_affine(m, LUNG_OPACITY_INDEX, a, b)
     labels = ["COVID-19", "Other pneumonia", "Pneumonia", "Lung Opacity"]
     sv = _xray_scores(logits["val"])
     tv = _xray_truth(rows["val"])
@@ -478,6 +520,8 @@ def evaluate_xray(model, info: dict, data: Path, write_card: bool, out_dir: Path
     all_rows = [ds.rows[i] for s in ("train", "val", "test") if s in logits for i in idx[s]]
     all_logits = np.concatenate([logits[s] for s in ("train", "val", "test") if s in logits])
     metrics["severity"] = severity_eval(all_rows, all_logits)
+    metrics["severity"]["calibration"] = calibration or {"note": "not applied (too few scored train images or "
+                                                                 "no positive association)"}
     metrics["shortcut_probes"] = {"pixel_baseline": pixel_baseline(ds),
                                   "trained_features": feature_probes(_scatter(feats, idx, len(ds)), ds,
                                                                      train_idx=idx["train"])}
@@ -564,8 +608,10 @@ def _write_xray_card(model, info, ds, thresholds, metrics, ood, tensors, out_dir
                          "'Normal' is reported through the 3-class head but has no finding threshold."},
         severity={"enabled": True, "logit": "Lung Opacity", "formula": "Cohen et al. 2020 constants (engine.severity)",
                   "evaluation": metrics.get("severity", {}),
-                  "caveat": "Our Lung Opacity logit was trained as opacity present/absent on our labels, not on "
-                            "torchxrayvision's scale; see the fixed-formula metrics before trusting the 0-8 / 0-6 scores."},
+                  "calibration": metrics.get("severity", {}).get("calibration"),
+                  "caveat": "The Lung Opacity logit was trained as opacity present/absent on our labels, then affinely "
+                            "calibrated (folded into the weights) on the train-split expert extent scores; check the "
+                            "held-out numbers before trusting the 0-8 / 0-6 scores."},
         metrics=metrics,
         training_data={"folder": "shared/data/xray (labels.csv, severity.csv)", "split": "patient-level train/val/test as "
                        "given in labels.csv (~70/15/15, stratified by source and label); thresholds and epoch chosen "
@@ -593,10 +639,18 @@ def _write_xray_card(model, info, ds, thresholds, metrics, ood, tensors, out_dir
         source=f"trained by ChestView (engine/train.py), run {run.get('started', '?')}",
     )
     state = {k: v for k, v in model.state_dict().items()}
-    return registry.write_card(out_dir, name=XRAY_NAME, version=version, state_dict=state, trained=True,
+    return _public(registry.write_card(out_dir, name=XRAY_NAME, version=version, state_dict=state, trained=True,
                                labels={"pathologies": list(XRV_PATHOLOGIES), "covid": list(COVID_CLASSES)},
                                architecture="XRayDenseNet", arch_params={}, dtype=dtype, ood_tensors=tensors,
-                               **M.jsonable(card))
+                               **M.jsonable(card)))
+
+
+def _public(card_path: Path) -> Path:
+    """Shipped files are world-readable (the safetensors temp file is created 0600)."""
+    card = json.loads(Path(card_path).read_text())
+    for p in (Path(card_path), Path(card_path).parent / card["file"]):
+        p.chmod(0o644)
+    return Path(card_path)
 
 
 # ---------------------------------------------------------------- CT
@@ -629,7 +683,7 @@ def evaluate_ct(model, info: dict, data: Path, write_card: bool, out_dir: Path, 
     slice_block = {"pooled": report_block(y, p, thr, groups)}
     for s in sorted(set(src)):
         k = src == s
-        slice_block[s] = report_block(y[k], p[k], thr, groups[k])
+        slice_block[s] = report_block(y[k], p[k], thr, groups[k], sweep=False)
     # patient level = the app's study score: mean of the top-k slice probabilities
     pats = sorted(set(groups))
     pp = np.array([np.mean(sorted(p[groups == g], reverse=True)[:top_k]) for g in pats])
@@ -698,11 +752,11 @@ def evaluate_ct(model, info: dict, data: Path, write_card: bool, out_dir: Path, 
             evaluated_by="python main.py evaluate (engine/evaluate.py)",
             source=f"trained by ChestView (engine/train.py), run {run.get('started', '?')}",
         )
-        result["card"] = str(registry.write_card(
+        result["card"] = str(_public(registry.write_card(
             out_dir, name=CT_NAME, version=version, state_dict=dict(model.state_dict()), trained=True,
             labels={"classes": list(CT_CLASSES)}, architecture="CTInception",
             arch_params={"variant": getattr(model, "variant", "googlenet")}, dtype=dtype, ood_tensors=tensors,
-            **M.jsonable(card)))
+            **M.jsonable(card))))
     return result
 
 

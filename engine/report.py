@@ -72,6 +72,7 @@ ROW_KEYS = (
     "warnings", "thumbnail", "heatmap_target", "heatmap_slice", "intended_use", "timings_ms",
 )
 DEID_INPUT = "<de-identified>"
+_WORD = re.compile(r"[^\W_]+")   # a run of letters/digits (Unicode); '_', '^', '-' separate
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,7 +107,7 @@ class Deidentifier:
     def __init__(self, enabled: bool, patients: Iterable[Any] = (), key: bytes | None = None):
         self.enabled = bool(enabled)
         self._key = (key if key is not None else _deid_key()) if self.enabled else b""
-        self._subs: list[tuple[re.Pattern[str], str]] = []
+        self._first: dict[str, list[tuple[str, str]]] = {}
         if self.enabled:
             self.learn(patients)
 
@@ -116,30 +117,50 @@ class Deidentifier:
         return "ANON-" + hmac.new(self._key, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:12].upper()
 
     def learn(self, patients: Iterable[Any]) -> None:
-        """Collect every identifier string of the indexed patients for ``scrub``."""
+        """Collect every identifier string of the indexed patients for ``scrub``.
+
+        Indexed by their first word, so scrubbing stays linear in the text length for archives
+        of any size (no regex alternation over every patient).
+        """
         pairs: dict[str, str] = {}
         for p in patients:
-            pid = str(getattr(p, "patient_id", "") or "")
-            if pid.strip():
+            pid = str(getattr(p, "patient_id", "") or "").strip()
+            if pid:
                 pairs[pid] = self.pseudonym(pid)
             name = str(getattr(p, "patient_name", "") or "")
-            for part in {name, name.replace("^", " ").strip(), name.replace("^", "_"), name.replace("^", ", ")} | \
-                    set(re.split(r"[\^\s,]+", name)):
+            for part in [name, name.replace("^", " ")] + re.split(r"[\^\s,]+", name):
                 if len(part.strip()) >= 2:
                     pairs.setdefault(part.strip(), "[removed]")
-            bd = str(getattr(p, "birth_date", "") or "")
-            if len(bd.strip()) >= 4:
-                pairs.setdefault(bd.strip(), "[removed]")
-        for text, repl in sorted(pairs.items(), key=lambda kv: -len(kv[0])):
-            pat = re.compile(r"(?<![A-Za-z0-9])" + re.escape(text) + r"(?![A-Za-z0-9])", re.IGNORECASE)
-            self._subs.append((pat, repl))
+            bd = str(getattr(p, "birth_date", "") or "").strip()
+            if len(bd) >= 4:
+                pairs.setdefault(bd, "[removed]")
+        for ident, repl in pairs.items():
+            m = _WORD.search(ident)
+            if m is None:
+                continue
+            ident = ident[m.start():].lower()
+            self._first.setdefault(m.group().lower(), []).append((ident, repl))
+        for cands in self._first.values():
+            cands.sort(key=lambda c: -len(c[0]))        # longest identifier first
 
     def scrub(self, text: Any) -> Any:
-        if not self.enabled or not isinstance(text, str) or not text:
+        """``text`` with every known identifier (whole words, any case) replaced."""
+        if not self.enabled or not isinstance(text, str) or not text or not self._first:
             return text
-        for pat, repl in self._subs:
-            text = pat.sub(repl, text)
-        return text
+        low = text.lower()
+        out: list[str] = []
+        i = 0
+        for m in _WORD.finditer(text):
+            if m.start() < i:
+                continue
+            for ident, repl in self._first.get(m.group().lower(), ()):
+                end = m.start() + len(ident)
+                if low.startswith(ident, m.start()) and (end >= len(text) or not text[end].isalnum()):
+                    out += [text[i:m.start()], repl]
+                    i = end
+                    break
+        out.append(text[i:])
+        return "".join(out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,6 +21,11 @@ Public pieces (reused by the Ray engine, whose CPU tasks call :func:`decode_seri
 * :func:`decode_series` — the decode stage itself (runs in whatever process calls it).
 * :class:`LimitedPool` — N persistent children, per-task time limit, ``submit() -> Future``.
 * :func:`run_limited` — one call in a one-shot limited child.
+* :func:`reuse_decoded` — lets ``engine.analysis`` read the child's Frame/Volume (this thread
+  only) instead of decoding the untrusted file again, unbounded, in the parent.
+
+Frozen (PyInstaller) builds: spawned children need ``multiprocessing.freeze_support()``, which
+the packaging runtime hook (packaging/rthooks/pyi_rth_chestview.py) calls.
 """
 from __future__ import annotations
 

@@ -7,6 +7,7 @@
 #                                          /usr/share/applications/chestview.desktop
 #   --prefix DIR --bin-dir DIR --data-dir DIR   override any of those (packagers, tests)
 #   --no-desktop                              no menu entry / icon (servers)
+#   --force                                   install even if this system's glibc looks too old
 #
 # Works offline; copies files only (no network, no package manager). Re-running upgrades in place.
 # Uninstall with <prefix>/uninstall.sh. Research use only, not for diagnostic use.
@@ -18,6 +19,7 @@ BIN_DIR="${HOME}/.local/bin"
 DATA_DIR="${XDG_DATA_HOME:-${HOME}/.local/share}"
 DESKTOP=1
 SYSTEM=0
+FORCE=0
 
 die() { echo "install.sh: error: $*" >&2; exit 1; }
 
@@ -31,13 +33,23 @@ while [ $# -gt 0 ]; do
         --data-dir) [ $# -ge 2 ] || die "--data-dir needs a folder"; DATA_DIR=$2; shift ;;
         --data-dir=*) DATA_DIR=${1#*=} ;;
         --no-desktop) DESKTOP=0 ;;
-        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --force) FORCE=1 ;;
+        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown option '$1' (see --help)" ;;
     esac
     shift
 done
 
 [ -x "$SRC/chestview/chestview" ] || die "$SRC/chestview/chestview is missing: run install.sh from the unpacked archive"
+# The bundle carries its own libraries but not glibc: it needs the version it was built against.
+NEED=$(cat "$SRC/GLIBC_MIN" 2>/dev/null || echo unknown)
+HAVE=$(ldd --version 2>/dev/null | head -n 1 | grep -o '[0-9][0-9]*\.[0-9][0-9]*$' || true)
+if [ "$NEED" != unknown ] && [ -n "$HAVE" ] && [ "$FORCE" = 0 ]; then
+    OLDEST=$(printf '%s\n%s\n' "$NEED" "$HAVE" | sort -V | head -n 1)
+    if [ "$OLDEST" != "$NEED" ]; then
+        die "this system has glibc $HAVE but ChestView needs $NEED or newer (a newer distribution, or a build made on an older one); --force skips this check"
+    fi
+fi
 if [ "$SYSTEM" = 1 ] && [ "$(id -u)" != 0 ]; then
     die "--system writes to /opt and /usr: run it as root (sudo ./install.sh --system)"
 fi
@@ -65,7 +77,7 @@ mkdir "$NEW"
 trap 'rm -rf "$NEW"' EXIT INT TERM
 echo "[install] copying ChestView to $PREFIX"
 cp -a "$SRC/chestview" "$NEW/chestview"
-for f in chestview.sh chestview.svg chestview.desktop uninstall.sh VERSION README.txt; do
+for f in chestview.sh chestview.svg chestview.desktop uninstall.sh VERSION GLIBC_MIN README.txt; do
     [ -e "$SRC/$f" ] && cp -a "$SRC/$f" "$NEW/$f"
 done
 chmod 755 "$NEW/chestview.sh" "$NEW/uninstall.sh" 2>/dev/null || true

@@ -19,6 +19,11 @@ cp "$PKG/chestview.sh" "$PKG/install.sh" "$PKG/uninstall.sh" "$OUT/"
 cp "$PKG/chestview.desktop" "$PKG/chestview.svg" "$OUT/"
 chmod 755 "$OUT/chestview.sh" "$OUT/install.sh" "$OUT/uninstall.sh"
 echo "$VERSION" > "$OUT/VERSION"
+# Newest glibc symbol version any bundled ELF file needs = the oldest Linux the archive runs on.
+GLIBC=$(find "$OUT/chestview" -type f \( -name '*.so*' -o -name chestview \) -exec objdump -T {} + 2>/dev/null \
+        | grep -o 'GLIBC_[0-9.]*' | sort -Vu | tail -1 | sed 's/GLIBC_//')
+GLIBC=${GLIBC:-unknown}
+echo "$GLIBC" > "$OUT/GLIBC_MIN"
 cat > "$OUT/README.txt" <<EOF
 ChestView $VERSION ($VARIANT build) for Linux x86_64
 Chest X-ray and CT DICOM viewer with AI assistance.
@@ -29,7 +34,7 @@ Install system-wide:     sudo ./install.sh --system
 Run without installing:  ./chestview.sh view   or   ./chestview.sh selftest
 Uninstall:               ~/.local/opt/chestview/uninstall.sh   (or /opt/chestview/uninstall.sh)
 
-Needs glibc 2.28+ and, for the window, an X11 or Wayland session (Qt xcb libraries are bundled;
+Needs glibc $GLIBC or newer (ldd --version) and, for the window, an X11 or Wayland session (Qt xcb libraries are bundled;
 on a minimal system install libxkbcommon-x11-0, libxcb-cursor0 and libegl1). Without a display,
 'chestview run-demo' runs the batch review instead of the viewer.
 EOF

@@ -105,7 +105,7 @@ def _fake_stage(tmp: Path) -> Path:
 def test_install_upgrade_uninstall_on_fake_build(tmp_path: Path) -> None:
     stage = _fake_stage(tmp_path)
     for name in ("chestview/chestview", "chestview.sh", "chestview.desktop", "chestview.svg",
-                 "install.sh", "uninstall.sh", "VERSION", "README.txt"):
+                 "install.sh", "uninstall.sh", "VERSION", "GLIBC_MIN", "README.txt"):
         assert (stage / name).exists(), name
     prefix, bindir, datadir = tmp_path / "opt" / "chest view", tmp_path / "bin", tmp_path / "share"
     args = ["sh", str(stage / "install.sh"), "--prefix", str(prefix), "--bin-dir", str(bindir),
@@ -146,6 +146,16 @@ def test_install_upgrade_uninstall_on_fake_build(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     assert not prefix.exists() and not link.is_symlink() and not desktop.exists()
     assert unrelated.exists() and stage.exists()
+
+    # A system with an older glibc than the bundle needs is refused with the reason (unless --force).
+    if shutil.which("ldd"):
+        (stage / "GLIBC_MIN").write_text("99.0\n")
+        glibc_args = ["sh", str(stage / "install.sh"), "--prefix", str(tmp_path / "g"), "--bin-dir",
+                      str(tmp_path / "gbin"), "--no-desktop"]
+        r = subprocess.run(glibc_args, capture_output=True, text=True)
+        assert r.returncode != 0 and "needs 99.0 or newer" in r.stderr, r.stderr
+        r = subprocess.run(glibc_args + ["--force"], capture_output=True, text=True)
+        assert r.returncode == 0 and (tmp_path / "gbin" / "chestview").is_symlink(), r.stderr
 
     # uninstall.sh refuses a folder without the install manifest.
     r = subprocess.run(["sh", str(stage / "uninstall.sh"), "--prefix", str(foreign)], capture_output=True, text=True)

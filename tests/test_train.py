@@ -170,3 +170,33 @@ def test_train_then_evaluate_writes_a_loadable_card(shared_data, tmp_path, monke
     assert lm.trained and registry.sha256_file(lm.path) == card["sha256"]
     assert {"mean", "components", "variance"} <= set(lm.ood)
     registry.clear_cache()
+
+
+def test_severity_calibration_folds_into_the_lung_opacity_row():
+    """The calibrated logit, fed to the app's unchanged Cohen formula, reproduces the expert extent."""
+    from engine.evaluate import _fold_affine, severity_calibration
+    from engine.models.densenet_xray import LUNG_OPACITY_INDEX, XRayDenseNet
+    from engine.severity import geographic_extent_linear
+
+    rs = np.random.RandomState(0)
+    z = rs.normal(0, 2, 30)
+    geo = 0.6 * z + 4.0
+    rows = [{"geographic_mean": f"{g:.6f}", "split": "train"} for g in geo] + [{"geographic_mean": "", "split": "val"}]
+    logits = np.zeros((31, 21))
+    logits[:30, LUNG_OPACITY_INDEX] = z
+    cal = severity_calibration(rows, logits)
+    assert cal is not None and cal["scale"] > 0
+    zc = cal["scale"] * z + cal["shift"]
+    assert np.allclose(geographic_extent_linear(zc), geo, atol=1e-6)
+    torch.manual_seed(0)
+    m = XRayDenseNet().eval()
+    pooled = torch.rand(2, 1024)
+    before = m.classifier(pooled)
+    _fold_affine(m, LUNG_OPACITY_INDEX, cal["scale"], cal["shift"])
+    after = m.classifier(pooled)
+    j = LUNG_OPACITY_INDEX
+    assert torch.allclose(after[:, j], cal["scale"] * before[:, j] + cal["shift"], atol=1e-4)
+    others = [k for k in range(after.shape[1]) if k != j]
+    assert torch.equal(after[:, others], before[:, others])
+    # no positive association -> no calibration
+    assert severity_calibration([{"geographic_mean": f"{-g:.6f}", "split": "train"} for g in geo], logits[:30]) is None

@@ -61,12 +61,24 @@ def test_table_sorts_by_score_severity_and_validity(qtbot):
 def test_worklist_reviews_a_folder_and_double_click_opens_the_series(qtbot, demo_dir, tmp_path, monkeypatch):
     from viewer.main_window import MainWindow
     from viewer.settings_store import SettingsStore
-    from viewer.worklist import COL_VALIDITY, WorklistDialog, open_worklist
 
     monkeypatch.setenv("CHESTVIEW_HOME", str(tmp_path / "home"))
     inp = _xray_folder(demo_dir, tmp_path / "in", 1)
     win = MainWindow(SettingsStore(tmp_path / "viewer.ini"))
     qtbot.addWidget(win)
+    try:
+        _review_and_open(qtbot, win, inp, monkeypatch, tmp_path)
+    finally:  # no background thread (index, thumbnails, AI auto-run) may outlive the window
+        ai = getattr(win, "ai", None)
+        if ai is not None and hasattr(ai, "shutdown"):
+            ai.shutdown()
+        win.close()
+        win.runner.wait_done(30_000)
+
+
+def _review_and_open(qtbot, win, inp, monkeypatch, tmp_path) -> None:
+    from viewer.worklist import COL_VALIDITY, WorklistDialog, open_worklist
+
     dlg = open_worklist(win)
     assert isinstance(dlg, WorklistDialog) and open_worklist(win) is dlg     # one dialog per window
     assert dlg.start(inp, workers=1)
@@ -96,6 +108,7 @@ def test_worklist_reviews_a_folder_and_double_click_opens_the_series(qtbot, demo
     assert dlg.start(inp, workers=1)
     qtbot.waitUntil(lambda: dlg.summary is not None, timeout=600_000)
     assert (dlg.summary.studies_done, dlg.summary.studies_skipped) == (0, 2) and dlg.table.rowCount() == 2
+    dlg.close()
 
 
 def test_cancel_stops_the_review(qtbot, demo_dir, tmp_path):

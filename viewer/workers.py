@@ -26,13 +26,19 @@ from engine.errors import AnalysisCancelled
 AnalyzeFn = Callable[[Any, Callable[[float, str], None], Callable[[], bool]], Any]
 
 
-def lower_thread_priority(nice: int = 10) -> None:
+WORKER_NICE = int(os.environ.get("CHESTVIEW_WORKER_NICE", "5"))
+
+
+def lower_thread_priority(nice: int | None = None) -> None:
     """Let the GUI thread win the CPU over model work (2 cores: torch would take both).
 
     Linux: ``setpriority`` on the native thread id changes only this thread, and torch's
     intra-op threads created from it inherit the value. Elsewhere: Qt's thread priority.
     Best effort, never fails.
     """
+    nice = WORKER_NICE if nice is None else nice
+    if nice <= 0:
+        return
     try:
         if hasattr(os, "setpriority") and sys.platform.startswith("linux"):
             tid = threading.get_native_id()
