@@ -218,10 +218,17 @@ class Analyzer:
         modality = frame.modality or series.modality
         header_checks(gate, "xray", modality, series.body_part, series.view_position)
         pixel_checks_2d(gate, gray)
-        tensor, geom = prepare_xray(np.ascontiguousarray(gray, dtype=np.float32))
+        tensor, geom = prepare_xray(np.ascontiguousarray(gray, dtype=np.float32), size=self._xray_input_size())
         del gray, frame
         timings["preprocess"] = (time.perf_counter() - t) * 1000.0
         return _XrayItem(series, gate, tensor, geom, timings, warnings)
+
+    def _xray_input_size(self) -> int:
+        """The X-ray model's input side from its card (224 = torchxrayvision's; CPU-trained cards may differ)."""
+        from engine.models.registry import XRAY_MODEL
+
+        card = self.model(XRAY_MODEL).card or {}
+        return int((card.get("preprocessing") or {}).get("input_size") or 224)
 
     def _xray_run(self, items: list[_XrayItem], want_heatmaps: bool, cancel: CancelFn | None,
                   progress: ProgressFn | None) -> list[StudyResult]:
@@ -235,7 +242,8 @@ class Analyzer:
         with self._lock:
             t = time.perf_counter()
             lm = self.model(XRAY_MODEL)
-            warm_up(lm.module, (1, 1, 224, 224), self.cfg)
+            side = self._xray_input_size()
+            warm_up(lm.module, (1, 1, side, side), self.cfg)
             t_load = (time.perf_counter() - t) * 1000.0
             _report(progress, 0.3, "running the X-ray model")
             t = time.perf_counter()

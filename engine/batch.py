@@ -512,6 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-heatmaps", action="store_true", help="skip Grad-CAM (faster; no overlays)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="X-rays per forward pass across studies (default 8 on a GPU, 1 on CPU)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local (default) or ray: the same review as a Ray Data pipeline (pip install '.[cluster]')")
+    p.add_argument("--address", default=None,
+                   help="with --engine ray: join this Ray cluster (default: start a local Ray sized to the machine)")
     return p
 
 
@@ -537,7 +541,23 @@ def cli_main(argv: list[str] | None = None) -> int:
         (bar.line(msg) if bar is not None else print(msg, file=sys.stderr, flush=True))
 
     try:
-        s = run_batch(opts, progress=on_progress, on_problem=on_problem)
+        if args.engine == "ray":
+            from engine.ray_batch import run_batch_ray
+
+            kw: dict[str, Any] = {"address": args.address, "progress": on_progress, "on_problem": on_problem}
+            if args.batch_size:
+                kw["batch_size"] = args.batch_size
+            s = run_batch_ray(opts, **kw)
+        else:
+            if args.address:
+                print("chestview batch: --address needs --engine ray", file=sys.stderr)
+                return 2
+            s = run_batch(opts, progress=on_progress, on_problem=on_problem)
+    except RuntimeError as e:  # e.g. the Ray extra is not installed
+        if bar:
+            bar.finish()
+        print(f"chestview batch: {e}", file=sys.stderr)
+        return 2
     except (ValueError, OSError) as e:
         if bar:
             bar.finish()

@@ -403,16 +403,20 @@ def xray_ood_inputs(data: Path, max_ct: int = 60) -> dict[str, list]:
     return {k: (torch.stack(v) if v and not isinstance(v[0], str) else v) for k, v in probes.items()}
 
 
-def ood_rates(model, kind: str, tensors, threshold: float, probes: dict, feats_by_split: dict) -> dict:
+def ood_rates(model, kind: str, tensors, threshold: float, probes: dict, feats_by_split: dict,
+              train_feats: np.ndarray | None = None) -> dict:
     from engine.models.ood import ood_score
 
     import torch
 
     out: dict[str, Any] = {}
+    if train_feats is not None:
+        ts = ood_score(torch.tensor(train_feats), tensors)
+        out["training_score_quantiles"] = {str(q): float(np.quantile(ts, q)) for q in (0.01, 0.05, 0.5, 0.95, 0.99)}
     for name, f in feats_by_split.items():
         s = ood_score(torch.tensor(f), tensors)
         out[name] = {"n": int(len(s)), "rejected": int((s > threshold).sum()),
-                     "rejection_rate": float((s > threshold).mean())}
+                     "rejection_rate": float((s > threshold).mean()), "median_score": float(np.median(s))}
     for name, x in probes.items():
         if isinstance(x, list):
             out[name] = {"error": x[0]}
@@ -532,7 +536,7 @@ def evaluate_xray(model, info: dict, data: Path, write_card: bool, out_dir: Path
            "threshold": thr, "quantile": ood_quantile, "fitted_on": f"{len(feats['train'])} training X-rays"
                                                                            " (fp16 weights)",
            "rejection": ood_rates(model, "xray", tensors, thr, probes,
-                                  {f"{s}_xrays": feats[s] for s in ("val", "test") if s in feats})}
+                                  {f"{s}_xrays": feats[s] for s in ("val", "test") if s in feats}, feats["train"])}
     n_cmp = min(48, len(idx["val"]))
     l32, _ = forward_all(model32, ds.x[idx["val"][:n_cmp]], "xray")
     diff = float(np.abs(l32 - logits["val"][:n_cmp]).max())
@@ -716,7 +720,7 @@ def evaluate_ct(model, info: dict, data: Path, write_card: bool, out_dir: Path, 
     ood = {"method": "Mahalanobis distance of pooled GoogLeNet features in a 32-component PCA basis "
                      "(engine.models.ood); the app uses the median over the scored slices",
            "threshold": othr, "quantile": ood_quantile, "fitted_on": f"{len(ft)} training slices",
-           "rejection": ood_rates(model, "ct", tensors, othr, probes, {"val_slices": fv})}
+           "rejection": ood_rates(model, "ct", tensors, othr, probes, {"val_slices": fv}, ft)}
     f16 = fp16_check(model, ds.x[va], "ct", lv)
     p16 = softmax(f16.pop("logits16"))[:, 1]
     f16["val_auc_fp32_vs_fp16"] = [M.roc_auc(y, p), M.roc_auc(y, p16)]
@@ -826,8 +830,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
     print(_headline(res))
-    print(f"[evaluate] OOD rejection: " + json.dumps({k: v.get("rejection_rate", v.get("error"))
-                                                      for k, v in res["ood"]["rejection"].items()}))
+    print("[evaluate] OOD rejection: " + json.dumps({k: v.get("rejection_rate", v.get("error"))
+                                                     for k, v in res["ood"]["rejection"].items()
+                                                     if k != "training_score_quantiles"}))
     if res.get("card"):
         print(f"[evaluate] wrote {res['card']}")
     print(f"[evaluate] done in {time.time() - t0:.0f}s")

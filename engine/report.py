@@ -33,15 +33,16 @@ The rows are a stable contract (the Ray engine must reproduce them). ``results.j
     top_label         str; positive_labels [str]
     probabilities     {label: float (6 decimals)};  thresholds {label: float}
     severity_extent (0-8), severity_opacity (0-6), ct_study_probability, lung_volume_ml: float | null
-    models            ["<name> <version> (trained|untrained)"];  device  str
+    models            ["<name> <version> (trained|untrained)"];  device  str (TIMING-like: run environment)
     error             str | null (why this series failed; also counted in failures_by_reason)
     warnings          [str]
     thumbnail         "thumbs/<key>.png" | null (image | image + heatmap), heatmap_target, heatmap_slice
     intended_use      "Research use only, not for diagnostic use"
     timings_ms        TIMING: {"decode": ms, "analyze": ms, ...from StudyResult.timings_ms}
 
-TIMING keys (``run``, ``timings_ms``, and HTML elements with class ``t``) are the only things that
-differ between an interrupted-and-resumed run and an uninterrupted one.
+TIMING keys (``run``, ``timings_ms``, ``device`` — e.g. "cpu (2 threads, fp32)" — and HTML elements
+with class ``t``) are the only things that may differ between an interrupted-and-resumed run and an
+uninterrupted one, or between the local and the Ray engine; :func:`strip_timing` removes them.
 """
 from __future__ import annotations
 
@@ -62,7 +63,7 @@ from engine.journal import atomic_write_bytes, atomic_write_json, atomic_write_t
 from engine.results import RESEARCH_USE
 
 RESULTS_SCHEMA = "chestview-batch-results/1"
-TIMING_KEYS = ("run", "timings_ms")
+TIMING_KEYS = ("run", "timings_ms", "device")   # what may differ between two runs of the same input
 ROW_KEYS = (
     "patient_id", "patient_name", "birth_date", "study_uid", "study_date", "study_description",
     "accession_number", "series_uid", "series_number", "series_description", "modality", "kind",

@@ -16,7 +16,11 @@ rm -rf "$OUT"
 mkdir -p "$OUT"
 mv "$APP" "$OUT/chestview"
 cp "$PKG/chestview.sh" "$PKG/install.sh" "$PKG/uninstall.sh" "$OUT/"
-cp "$PKG/chestview.desktop" "$PKG/chestview.svg" "$OUT/"
+cp "$PKG/chestview.desktop" "$OUT/"
+# The same icon as the viewer's window (resources/icons/app.svg) when the repository has one.
+ICON="$PKG/../resources/icons/app.svg"
+[ -f "$ICON" ] || ICON="$PKG/chestview.svg"
+cp "$ICON" "$OUT/chestview.svg"
 chmod 755 "$OUT/chestview.sh" "$OUT/install.sh" "$OUT/uninstall.sh"
 echo "$VERSION" > "$OUT/VERSION"
 # Newest glibc symbol version any bundled ELF file needs = the oldest Linux the archive runs on.

@@ -125,6 +125,11 @@ class AIController(QObject):
         self.info_loader.loaded.connect(self._on_model_infos)
         if load_model_infos:
             self.info_loader.start()
+        # Export of the shown result as DICOM (viewer.export_dialog): panel button + File menu action.
+        self.export_dialog: Any = None
+        self.panel.export_requested.connect(self.open_export_dialog)
+        self.panel.result_changed.connect(lambda _r: self.update_export_state())
+        self.update_export_state()
 
     # -- settings ---------------------------------------------------------------------------
     def _find_settings(self) -> Any:
@@ -250,6 +255,8 @@ class AIController(QObject):
         self._volume_timer.stop()
         self.runner.shutdown()
         self.info_loader.wait(5000)
+        if self.export_dialog is not None:
+            self.export_dialog.wait_done(10000)
 
     def _is_current_run(self, series_uid: str | None = None) -> bool:
         cur = self.current_series
@@ -299,6 +306,92 @@ class AIController(QObject):
         self.panel.strip.set_reading_order(getattr(src, "reading_step", 1) < 0)
         self.panel.show_result(result, n_slices=n)   # emits target_selected -> overlay
         self._sync_strip_current()
+
+    # -- export as DICOM (SR / Parametric Map / Secondary Capture, folder or PACS) -------------
+    def export_state(self) -> tuple[bool, str]:
+        """(exportable, reason): only the result shown for the displayed series, without an error."""
+        r, s = self.current_result, self.current_series
+        if r is None or s is None or self.panel.result is not r or r.series_uid != getattr(s, "series_uid", None):
+            return False, "No AI result for the displayed series: run the AI first."
+        if r.error:
+            return False, f"The analysis failed ({r.error}): there is nothing to export. Re-run the analysis."
+        if r.kind not in SUPPORTED_KINDS:
+            return False, "Only chest X-ray and CT results can be exported."
+        return True, "Export the AI result of the displayed series as DICOM (SR report, heatmaps) to a folder or PACS"
+
+    def export_target(self) -> Any:
+        """The shown result with its source images in analysis order (None when not exportable).
+
+        X-ray: the image the engine analysed (the series' first instance, whose displayed frame the
+        heatmaps are in). CT: ``Volume.instance_paths`` of the viewer's volume; without one, the
+        worker loads the series in engine order (the order analysis used) before exporting.
+        """
+        ok, _ = self.export_state()
+        if not ok:
+            return None
+        from viewer.export_dialog import ExportTarget
+
+        series, result = self.current_series, self.current_result
+        insts = [i.path for i in getattr(series, "instances", [])]
+        desc = (f"{getattr(series, 'modality', '?')} series {getattr(series, 'series_number', '') or ''} "
+                f"{getattr(series, 'series_description', '') or ''}").split()
+        target = ExportTarget(result=result, source_paths=None, input_paths=insts, description=" ".join(desc))
+        if result.kind == "ct":
+            vol = self._loaded_volume(result.series_uid)
+            if vol is not None:
+                target.source_paths = list(vol.instance_paths)
+            else:
+                def resolve(series=series) -> list[str]:
+                    from engine.dicom.volume import load_volume
+
+                    return list(load_volume(series).instance_paths)
+                target.resolve_sources = resolve
+        else:
+            target.source_paths = insts[:1]
+        return target
+
+    def update_export_state(self) -> None:
+        """Enable/disable the panel button and the main window's File menu action; refresh an open dialog."""
+        ok, reason = self.export_state()
+        self.panel.export_button.setEnabled(ok)
+        self.panel.export_button.setToolTip(f"Export AI results… — {reason}")
+        act = getattr(self.main_window, "act_export_ai", None)
+        if act is not None:
+            act.setEnabled(ok)
+            act.setToolTip(reason)
+            act.setStatusTip(reason)
+        if self.export_dialog is not None:
+            self.export_dialog.set_target(self.export_target() if ok else None, reason)
+
+    def open_export_dialog(self) -> Any:
+        """Show the (single, non-modal) export dialog for the displayed series' result."""
+        ok, reason = self.export_state()
+        if not ok:
+            if hasattr(self.main_window, "show_message"):
+                self.main_window.show_message("Nothing to export", reason)
+            return None
+        from viewer.export_dialog import ExportDialog
+
+        if self.export_dialog is None:
+            parent = self.main_window if isinstance(self.main_window, QWidget) else None
+            self.export_dialog = ExportDialog(parent, settings_store=self._settings)
+            self.export_dialog.export_finished.connect(self._on_export_finished)
+        else:
+            self.export_dialog.reload_network()
+        self.export_dialog.set_target(self.export_target(), reason)
+        self.export_dialog.show()
+        self.export_dialog.raise_()
+        self.export_dialog.activateWindow()
+        return self.export_dialog
+
+    def _on_export_finished(self, ok: bool, message: str) -> None:
+        """The outcome also goes to the status bar; as a message box if the dialog was closed meanwhile."""
+        mw = self.main_window
+        dlg = self.export_dialog
+        if dlg is not None and not dlg.isVisible() and hasattr(mw, "show_message"):
+            mw.show_message("AI results exported" if ok else "AI results not exported", message)
+        elif hasattr(mw, "statusBar"):
+            mw.statusBar().showMessage(message, 15000)
 
     # -- heatmap overlay ----------------------------------------------------------------------
     def _on_target(self, target: str | None) -> None:

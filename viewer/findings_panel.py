@@ -93,6 +93,8 @@ class FindingsPanel(QWidget):
     threshold_changed = Signal(float)
     colormap_changed = Signal(str)
     outline_toggled = Signal(bool)
+    export_requested = Signal()               # "Export AI results…" (the controller opens the dialog)
+    result_changed = Signal(object)           # the shown StudyResult, or None after clear()
 
     def __init__(self, parent: QWidget | None = None, blink_key_name: str = "B"):
         super().__init__(parent)
@@ -133,6 +135,11 @@ class FindingsPanel(QWidget):
         self.cancel_button.setEnabled(False)
         row.addWidget(self.run_button)
         row.addWidget(self.cancel_button)
+        self.export_button = QPushButton("Export…")
+        self.export_button.setObjectName("exportAIResults")
+        self.export_button.setToolTip("Export AI results… (no AI result for the displayed series yet)")
+        self.export_button.setEnabled(False)      # the controller enables it for an exportable result
+        row.addWidget(self.export_button)
         outer.addLayout(row)
         self.status_label = _small(QLabel("Idle"))
         self.status_label.setWordWrap(True)
@@ -143,6 +150,7 @@ class FindingsPanel(QWidget):
         outer.addWidget(self.auto_run)
         self.run_button.clicked.connect(self.run_requested)
         self.cancel_button.clicked.connect(self.cancel_requested)
+        self.export_button.clicked.connect(self.export_requested)
         self.auto_run.toggled.connect(self.auto_run_toggled)
 
         # Scrolling body.
@@ -338,6 +346,7 @@ class FindingsPanel(QWidget):
         self.warnings_label.setText("")
         self.smallprint.setText("")
         self._set_targets([], None)
+        self.result_changed.emit(None)
 
     # -- result rendering ---------------------------------------------------------------------
     def show_result(self, result: StudyResult, n_slices: int | None = None) -> None:
@@ -367,6 +376,7 @@ class FindingsPanel(QWidget):
         t = ", ".join(f"{k} {v:.0f} ms" for k, v in result.timings_ms.items())
         self.smallprint.setText(f"{t}{' · ' if t else ''}device: {result.device} · "
                                 f"{result.intended_use or RESEARCH_USE}")
+        self.result_changed.emit(result)
 
     def _show_validity(self, result: StudyResult) -> None:
         v = result.validity

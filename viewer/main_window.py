@@ -198,6 +198,11 @@ class MainWindow(QMainWindow):
         self.act_open = A("&Open folder…", self.open_folder_dialog, "Ctrl+O", "open")
         self.act_open_file = A("Open &DICOMDIR / ZIP / file…", self.open_file_dialog, "Ctrl+Shift+O", "open-file")
         self.act_qr = A("&Query/Retrieve…", self.open_query_retrieve, "Ctrl+Shift+Q", "pacs")
+        # enabled by viewer.ai_controller (update_export_state) when the displayed series has a result
+        self.act_export_ai = A("&Export AI results…",
+                               lambda: getattr(self, "ai", None) and self.ai.open_export_dialog(),
+                               tip="Export the AI result of the displayed series as DICOM to a folder or PACS")
+        self.act_export_ai.setEnabled(False)
         self.act_quit = A("&Quit", self.close, "Ctrl+Q")
         self.act_screenshot = A("Save &screenshot…", self.save_screenshot_dialog, "Ctrl+Shift+S")
         self.act_fit = A("&Fit to window", iv.fit, "F", "fit")
@@ -272,6 +277,7 @@ class MainWindow(QMainWindow):
         self._refresh_recent_menu()
         m.addSeparator()
         m.addAction(self.act_qr)
+        m.addAction(self.act_export_ai)
         m.addAction(self.act_screenshot)
         m.addSeparator()
         m.addAction(self.act_quit)
