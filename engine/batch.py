@@ -39,7 +39,8 @@ from typing import Any, Callable
 
 from engine.errors import AnalysisCancelled, LoadError
 from engine.journal import Journal, fingerprint, study_key
-from engine.report import Deidentifier, build_results, build_row, collect_models, write_reports, write_thumbnail
+from engine.report import (Deidentifier, build_results, build_row, collect_models, is_unsupported, write_reports,
+                           write_thumbnail)
 from engine.safe_decode import DEFAULT_TIMEOUT_S, Decoded, LimitedPool, decode_series, reuse_decoded, series_timeout
 
 CancelFn = Callable[[], bool]
@@ -453,11 +454,12 @@ def run_batch(opts: BatchOptions, *, progress: Callable[[int, int, float, float]
                     summary.cancelled = True
                     break
                 for (t, se, _), oc in zip(decs, ocs):
-                    if oc.error:
+                    err = oc.error or (oc.result.error if oc.result is not None else None)
+                    if err and not is_unsupported(se, oc.result, oc.error):
                         summary.series_failed += 1
                         if on_problem:
                             where = rel_path(se.instances[0].path, input_root(inp)) if se.instances else f"series {se.series_uid}"
-                            on_problem(deid.scrub(where), deid.scrub(oc.error))
+                            on_problem(deid.scrub(where), deid.scrub(err))
                     current.setdefault(t.key, []).append(oc)
                     if len(current[t.key]) == len(t.series):
                         rec = study_record(t, current.pop(t.key), out, deid)

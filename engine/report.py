@@ -202,6 +202,7 @@ def build_row(patient: Any, study: Any, series: Any, result: Any | None, *, erro
               timings_ms: dict[str, float] | None = None, warnings: Iterable[str] = ()) -> dict[str, Any]:
     """One results row for a series: from its StudyResult, or from ``error`` when it never got one."""
     deid = deid or Deidentifier(False)
+    own_error = error
     pid = str(getattr(patient, "patient_id", "") or getattr(series, "patient_id", ""))
     row: dict[str, Any] = {k: None for k in ROW_KEYS}
     row.update(
@@ -246,15 +247,21 @@ def build_row(patient: Any, study: Any, series: Any, result: Any | None, *, erro
         timings.update({k: round(float(t), 1) for k, t in (result.timings_ms or {}).items()})
     row["error"] = deid.scrub(error) if error else None
     row["timings_ms"] = {k: round(float(t), 1) for k, t in timings.items()}
-    if row["error"]:
+    if is_unsupported(series, result, own_error):
+        row["status"] = "unsupported"     # e.g. MR/MG: viewable, not analysed; ``error`` says why
+    elif row["error"]:
         row["status"] = "failed"
-    elif result is not None and (result.kind == "unsupported" or series.kind == "other"):
-        row["status"] = "unsupported"
     elif row["valid"] is False:
         row["status"] = "invalid"
     else:
         row["status"] = "ok"
     return row
+
+
+def is_unsupported(series: Any, result: Any | None, error: str | None = None) -> bool:
+    """A modality the AI does not read (header kind 'other'), analysed without a failure of ours."""
+    return (not error and result is not None and getattr(result, "kind", "") == "unsupported"
+            and getattr(series, "kind", "") == "other")
 
 
 def row_sort_key(row: dict[str, Any]) -> tuple:
@@ -333,7 +340,7 @@ def summarize(rows: list[dict[str, Any]], problems: list[dict[str, str]]) -> dic
     for r in rows:
         by_status[r["status"]] = by_status.get(r["status"], 0) + 1
         by_kind[r["kind"]] = by_kind.get(r["kind"], 0) + 1
-        if r.get("error"):
+        if r.get("error") and r["status"] == "failed":
             k = _norm_reason(r["error"])
             reasons[k] = reasons.get(k, 0) + 1
     for p in problems:
@@ -486,7 +493,7 @@ def to_html(results: dict[str, Any]) -> str:
             f"<td class='small'>{e(errs)}</td>",
             f"<td class='t' data-v='{total_s:.3f}'>{total_s:.2f}</td>",
         ]
-        body.append(f"<tr class='{e(r['status'])}'>{''.join(cells)}</tr>")
+        body.append(f"<tr class='{e(r['status'])}' data-uid='{e(r['series_uid'])}'>{''.join(cells)}</tr>")
     sumrows = "".join(f"<tr><td>{e(k)}</td><td>{v}</td></tr>" for k, v in
                       [("studies", s["studies"]), ("series", s["series"]), ("ok (gate passed)", s["ok"]),
                        ("invalid (validity gate failed)", s["invalid"]), ("unsupported modality", s["unsupported"]),

@@ -57,7 +57,8 @@ def _uid(*parts: str) -> str:
     return generate_uid(prefix="1.2.826.0.1.3680043.8.498.", entropy_srcs=["chestview-batch-test", *parts])
 
 
-def _small_copy(src: Path, dst: Path, *, key: str, name: str, pid: str, birth: str, description: str = "") -> None:
+def _small_copy(src: Path, dst: Path, *, key: str, name: str, pid: str, birth: str, description: str = "",
+                modality: str = "") -> None:
     """A real radiograph, 4x smaller, with its own study/series/SOP UIDs and patient identity."""
     import pydicom
 
@@ -69,6 +70,8 @@ def _small_copy(src: Path, dst: Path, *, key: str, name: str, pid: str, birth: s
     ds.PatientName, ds.PatientID, ds.PatientBirthDate = name, pid, birth
     if description:
         ds.SeriesDescription = description
+    if modality:
+        ds.Modality = modality
     ds.StudyInstanceUID, ds.SeriesInstanceUID = _uid(key, "study"), _uid(key, "series")
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = _uid(key, "sop")
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -369,12 +372,16 @@ def test_deidentified_batch_outputs_carry_no_identifiers(demo_dir, tmp_path, mon
     monkeypatch.setenv("CHESTVIEW_HOME", str(tmp_path / "home"))
     inp = _xray_folder(demo_dir, tmp_path / "Testpatient_Alice0_archive", 1)   # identifiers in paths too
     (inp / "study0" / "Testpatient_Alice0_PID-778890_notes.txt").write_text("scanned form\n")
+    _small_copy(demo_dir / "CR_TIBIA" / "CR_01_UNCR.dcm", inp / "other" / "ot.dcm", key="other",
+                name="Testpatient^Carol", pid="PID-99001", birth="19711111", modality="OT")  # not analysed
     out = tmp_path / "out"
     problems: list[str] = []
     s = run_batch(BatchOptions(inp, out, deidentify=True, workers=1),
                   on_problem=lambda p, r: problems.append(f"{p}: {r}"))
-    assert s.studies_total == 2 and s.problem_files == 1
-    idents = ["Testpatient", "Alice", "Bob", "PID-778890", "PID-55443", "19450310", "19600101"]
+    assert s.studies_total == 3 and s.problem_files == 1 and s.series_failed == 0
+    assert sorted(r["status"] for r in _rows(out)) == ["invalid", "ok", "unsupported"]
+    idents = ["Testpatient", "Alice", "Bob", "Carol", "PID-778890", "PID-55443", "PID-99001", "19450310",
+              "19600101", "19711111"]
     files = [p for p in out.rglob("*") if p.is_file()]
     assert any(p.suffix == ".png" for p in files) and (out / "report.html") in files
     for p in files:                                   # every output: reports, journal, thumbnails
@@ -385,5 +392,5 @@ def test_deidentified_batch_outputs_carry_no_identifiers(demo_dir, tmp_path, mon
         assert not any(ident in line for ident in idents)
     rows = _rows(out)
     assert all(re.fullmatch(r"ANON-[0-9A-F]{12}", r["patient_id"]) for r in rows)
-    assert len({r["patient_id"] for r in rows}) == 2
+    assert len({r["patient_id"] for r in rows}) == 3
     assert json.loads((out / "results.json").read_text())["input"]["path"] == "<de-identified>"

@@ -267,6 +267,10 @@ def test_ct_export_uses_volume_order(qtbot, window, demo_dir, tmp_path):
     assert refs == [vol.sop_instance_uids[k]]
     nums = {name: v for vt, name, v in sr_items(sr) if vt == "NUM"}
     assert nums["Study-level probability"] == pytest.approx(0.71)
+    # without the viewer's volume (still loading) the worker reads the series in engine order
+    w.current_volume = None
+    target = ai.export_target()
+    assert target.source_paths is None and list(target.resolve_sources()) == list(vol.instance_paths)
 
 
 def test_send_to_orthanc_through_dialog(qtbot, window, demo_dir, tmp_path):

@@ -9,6 +9,8 @@ import csv
 import io
 import json
 import re
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -64,8 +66,14 @@ def test_build_row_fields_status_and_rounding():
     failed = rp.build_row(pt, st, se_c, None, error="decoding took longer than 60 s")
     assert failed["status"] == "failed" and failed["valid"] is None and failed["score"] is None
     other = SeriesRecord("9.9", "1.2.3.1", "PID-123456", "MR", instances=[InstanceRecord("/in/m.dcm", "9.9.1", 1)])
-    res = StudyResult("1.2.3.1", "9.9", "MR", "unsupported", Validity(False, ["not analysed"]))
-    assert rp.build_row(pt, st, other, res)["status"] == "unsupported"
+    res = StudyResult("1.2.3.1", "9.9", "MR", "unsupported", Validity(False, ["not analysed"]),
+                      error="Modality MR is not analysed")
+    row = rp.build_row(pt, st, other, res)
+    assert row["status"] == "unsupported" and row["error"] == "Modality MR is not analysed"
+    assert rp.summarize([row], [])["failures_by_reason"] == {} and rp.summarize([row], [])["unsupported"] == 1
+    assert rp.build_row(pt, st, other, None, error="could not decode")["status"] == "failed"
+    res_x = StudyResult("1.2.3.1", se_x.series_uid, "CR", "xray", Validity(False), error="Model problem: x")
+    assert rp.build_row(pt, st, se_x, res_x)["status"] == "failed"
 
 
 def test_deidentifier_pseudonym_is_stable_keyed_and_scrubs_free_text():
@@ -193,3 +201,24 @@ def test_journal_atomic_records_resume_and_settings(tmp_path):
     assert jr.Journal(tmp_path).read("k3") is None
     jr.atomic_write_text(tmp_path / "x.txt", "hello")
     assert (tmp_path / "x.txt").read_text() == "hello" and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_html_table_sorts_by_score_in_a_real_browser(tmp_path):
+    """The page's own script orders rows by score (highest first) when it loads; no network needed."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no headless chromium (apt-get install chromium)")
+    pt, st, se_x, _ = _records()
+    rows = []
+    for k, p in enumerate([0.3, 0.9, None, 0.6]):
+        se = SeriesRecord(f"1.2.3.1.{10 + k}", "1.2.3.1", "PID-1", "CR", k, "PA", instances=se_x.instances)
+        res = _xray_result(se)
+        res.findings = [] if p is None else [Finding("Lung Opacity", p, 0.5, p > 0.5, XM.name, XM.version)]
+        rows.append(rp.build_row(pt, st, se, res))
+    page = tmp_path / "report.html"
+    page.write_text(rp.to_html(rp.build_results(rows, [], [], input_path="/in", files_seen=4, deidentified=False,
+                                                run={})))
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom", page.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    order = re.findall(r'<tr class="[a-z]+" data-uid="([0-9.]+)"', dom)
+    assert order == ["1.2.3.1.11", "1.2.3.1.13", "1.2.3.1.10", "1.2.3.1.12"], order

@@ -58,7 +58,8 @@ def test_table_sorts_by_score_severity_and_validity(qtbot):
     assert _order(dlg)[0] == "1.3"
 
 
-def test_worklist_reviews_a_folder_and_double_click_opens_the_series(qtbot, demo_dir, tmp_path, monkeypatch):
+def test_worklist_reviews_a_folder_and_double_click_opens_the_series(qtbot, demo_dir, tmp_path, monkeypatch,
+                                                                     artifacts_dir):
     from viewer.main_window import MainWindow
     from viewer.settings_store import SettingsStore
 
@@ -67,7 +68,7 @@ def test_worklist_reviews_a_folder_and_double_click_opens_the_series(qtbot, demo
     win = MainWindow(SettingsStore(tmp_path / "viewer.ini"))
     qtbot.addWidget(win)
     try:
-        _review_and_open(qtbot, win, inp, monkeypatch, tmp_path)
+        _review_and_open(qtbot, win, inp, monkeypatch, tmp_path, artifacts_dir)
     finally:  # no background thread (index, thumbnails, AI auto-run) may outlive the window
         ai = getattr(win, "ai", None)
         if ai is not None and hasattr(ai, "shutdown"):
@@ -76,7 +77,7 @@ def test_worklist_reviews_a_folder_and_double_click_opens_the_series(qtbot, demo
         win.runner.wait_done(30_000)
 
 
-def _review_and_open(qtbot, win, inp, monkeypatch, tmp_path) -> None:
+def _review_and_open(qtbot, win, inp, monkeypatch, tmp_path, artifacts_dir) -> None:
     from viewer.worklist import COL_VALIDITY, WorklistDialog, open_worklist
 
     dlg = open_worklist(win)
@@ -89,6 +90,7 @@ def _review_and_open(qtbot, win, inp, monkeypatch, tmp_path) -> None:
     dlg.table.sortItems(COL_VALIDITY, Qt.SortOrder.AscendingOrder)
     tibia_uid = dlg.series_uid_at(0)
     assert dlg.table.item(0, 4).text() == "invalid" and dlg.table.item(1, 4).text() == "ok"
+    assert dlg.grab().save(str(artifacts_dir / "worklist.png"))          # for humans
 
     calls: list[tuple] = []
     real_open, real_select = win.open_path, win.select_series

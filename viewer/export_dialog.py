@@ -303,8 +303,8 @@ class ExportDialog(QDialog):
             self.untrained_label.setText(
                 f"<b>{UNTRAINED_NOTE}</b> {', '.join(untrained)} "
                 f"{'is' if len(untrained) == 1 else 'are'} untrained: "
-                "no findings, severity or heatmaps of it are exported; the report states only that it "
-                "produced no findings.")
+                f"no findings, severity or heatmaps of {'it' if len(untrained) == 1 else 'them'} are exported; "
+                "the report states only that no findings were produced.")
         else:
             self.untrained_label.setText(f"{UNTRAINED_NOTE} All models of this result are trained.")
         if not r.validity.passed:
@@ -320,7 +320,7 @@ class ExportDialog(QDialog):
             c.setEnabled(has_hm)
         if has_hm:
             self.heatmap_note.setText(f"{n_hm} heatmap(s) from trained models"
-                                      + (f", each on its CT slice." if r.kind == "ct" else "."))
+                                      + (", each on its CT slice." if r.kind == "ct" else "."))
         elif r.heatmaps:
             self.heatmap_note.setText("Heatmaps come from untrained models only: none are exported.")
         else:
@@ -361,8 +361,8 @@ class ExportDialog(QDialog):
 
     def kinds(self) -> ExportKinds:
         return ExportKinds(sr=self.sr_check.isChecked(),
-                           parametric_map=self.pm_check.isChecked() and self.pm_check.isEnabled(),
-                           secondary_capture=self.sc_check.isChecked() and self.sc_check.isEnabled())
+                           parametric_map=self.pm_check.isChecked() and self._has_heatmaps,
+                           secondary_capture=self.sc_check.isChecked() and self._has_heatmaps)
 
     def current_peer(self) -> Peer | None:
         name = self.peer_combo.currentData()

@@ -228,6 +228,8 @@ def build_sr(result: StudyResult, sources: Sequence[Dataset]) -> Dataset:
         groups.append(_group("AI CT study score", algorithm=_algorithm(m.name, m.version),
                              measurements=measurements, source_images=src_items,
                              comments=[RESEARCH_USE, validity]))
+    # An untrained model yields no findings at all: say so, so a PACS reader never takes silence for normal.
+    skipped_untrained |= {(m.name, m.version) for m in result.models if not m.trained}
     notes = [f"Model {n} {v} is untrained: no findings reported." for n, v in sorted(skipped_untrained)]
     if not groups:
         # TID 1500 needs at least one group: record why there are no scores.
@@ -476,6 +478,12 @@ def build_exports(result: StudyResult, source_paths: Sequence[str | Path],
     k = kinds or ExportKinds()
     sources = read_sources(source_paths)
     out: list[Dataset] = []
+    # Heatmaps of untrained models are never exported as results (they are not findings).
+    trained_heatmaps = [h for h in result.heatmaps if _trained(result, h.model_name, h.model_version)]
+    if len(trained_heatmaps) != len(result.heatmaps):
+        from dataclasses import replace
+
+        result = replace(result, heatmaps=trained_heatmaps)
     if k.sr:
         out.append(build_sr(result, sources))
     if k.parametric_map and result.heatmaps:
