@@ -518,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local (default) or ray: the same review as a Ray Data pipeline (pip install '.[cluster]')")
     p.add_argument("--address", default=None,
                    help="with --engine ray: join this Ray cluster (default: start a local Ray sized to the machine)")
+    p.add_argument("--ray-cpus", type=int, default=None,
+                   help="with --engine ray and no --address: CPUs of the local Ray instance (default: all)")
     return p
 
 
@@ -546,7 +548,8 @@ def cli_main(argv: list[str] | None = None) -> int:
         if args.engine == "ray":
             from engine.ray_batch import run_batch_ray
 
-            kw: dict[str, Any] = {"address": args.address, "progress": on_progress, "on_problem": on_problem}
+            kw: dict[str, Any] = {"address": args.address, "progress": on_progress, "on_problem": on_problem,
+                                  "num_cpus": args.ray_cpus}
             if args.batch_size:
                 kw["batch_size"] = args.batch_size
             s = run_batch_ray(opts, **kw)

@@ -26,8 +26,23 @@ from typing import Any, Iterable
 
 JOURNAL_SCHEMA = "chestview-batch-journal/1"
 _TMP_PREFIX = ".tmp-"
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+
+
+def _current_umask() -> int:
+    """The process umask without changing it (Linux reports it; elsewhere set-and-restore once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()
 
 
 def _fsync_dir(folder: Path) -> None:

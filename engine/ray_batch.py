@@ -49,15 +49,13 @@ def _require_ray():
 # Stage 1: distributed index
 # ----------------------------------------------------------------------------------------------
 def list_inputs(path: Path) -> list[str]:
-    """Every file under a folder (sorted; hidden names skipped), or the single DICOMDIR/ZIP/file."""
+    """The files engine.dicom.index would read, in its walk order (DICOMDIRs inside folders are
+    skipped there too); a DICOMDIR, ZIP or single file is its own one input."""
+    from engine.dicom.index import _is_dicomdir_name, _walk
+
     if not path.is_dir():
         return [str(path)]
-    out: list[str] = []
-    for root, dirs, files in os.walk(path, followlinks=False):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        out += [os.path.join(root, f) for f in sorted(files) if not f.startswith(".")
-                and f.upper() != "DICOMDIR"]
-    return out
+    return [e.path for e in _walk(str(path)) if not _is_dicomdir_name(e.name)]
 
 
 def index_chunk(paths: list[str]) -> IndexResult:
@@ -68,33 +66,51 @@ def index_chunk(paths: list[str]) -> IndexResult:
 
 
 def merge_index_results(parts: list[IndexResult]) -> IndexResult:
-    """Merge partial indexes by UID, sorted exactly as engine.dicom.index.group sorts."""
+    """Merge partial indexes in walk order, as one engine.dicom.index scan would have built them:
+    the first file of a SOP Instance UID wins and later copies become problems; levels are sorted
+    exactly as engine.dicom.index.group sorts."""
     from engine.dicom.index import sort_instances
+    from engine.dicom.records import FileProblem
 
     patients: dict[str, PatientRecord] = {}
     studies: dict[str, StudyRecord] = {}
     series: dict[str, SeriesRecord] = {}
+    first_path: dict[str, str] = {}
     out = IndexResult()
     for part in parts:
         out.problems += part.problems
         out.files_seen += part.files_seen
         out.seconds += part.seconds
+        out.cancelled = out.cancelled or bool(getattr(part, "cancelled", False))
+        accepted = []
         for p in part.patients:
-            pp = patients.setdefault(p.patient_id, PatientRecord(p.patient_id, p.patient_name, p.birth_date, p.sex))
             for st in p.studies:
-                ss = studies.get(st.study_uid)
-                if ss is None:
-                    ss = studies[st.study_uid] = StudyRecord(st.study_uid, st.patient_id, st.study_date, st.study_time,
-                                                             st.study_description, st.accession_number)
-                    pp.studies.append(ss)
                 for se in st.series:
-                    s2 = series.get(se.series_uid)
-                    if s2 is None:
-                        s2 = series[se.series_uid] = SeriesRecord(
-                            se.series_uid, se.study_uid, se.patient_id, se.modality, se.series_number,
-                            se.series_description, se.body_part, se.view_position, se.rows, se.columns)
-                        ss.series.append(s2)
-                    s2.instances += se.instances
+                    for inst in se.instances:
+                        accepted.append((inst.path, p, st, se, inst))
+        accepted.sort(key=lambda a: a[0])          # within one part: file order
+        for path, p, st, se, inst in accepted:
+            sop = inst.sop_instance_uid
+            if sop in first_path:
+                out.problems.append(FileProblem(path, f"duplicate of {first_path[sop]} (same SOP Instance UID); "
+                                                      "shown once"))
+                continue
+            first_path[sop] = path
+            pp = patients.get(p.patient_id)
+            if pp is None:
+                pp = patients[p.patient_id] = PatientRecord(p.patient_id, p.patient_name, p.birth_date, p.sex)
+            ss = studies.get(st.study_uid)
+            if ss is None:
+                ss = studies[st.study_uid] = StudyRecord(st.study_uid, st.patient_id, st.study_date, st.study_time,
+                                                         st.study_description, st.accession_number)
+                pp.studies.append(ss)
+            s2 = series.get(se.series_uid)
+            if s2 is None:
+                s2 = series[se.series_uid] = SeriesRecord(
+                    se.series_uid, se.study_uid, se.patient_id, se.modality, se.series_number,
+                    se.series_description, se.body_part, se.view_position, se.rows, se.columns)
+                ss.series.append(s2)
+            s2.instances.append(inst)
     for se in series.values():
         se.instances = sort_instances(se.instances)
     for p in patients.values():
@@ -123,9 +139,10 @@ def ray_index(path: str | Path, chunk: int = INDEX_CHUNK) -> IndexResult:
 class DecodeActor:
     """Decodes series in its own time-limited, memory-bounded child (engine.safe_decode)."""
 
-    def __init__(self, timeout_s: float, memory_mb: int | None):
+    def __init__(self, timeout_s: float, memory_mb: int | None, keep_pixels: bool):
         from engine.safe_decode import LimitedPool
 
+        self.keep_pixels = keep_pixels
         self.timeout_s = timeout_s
         self.pool = LimitedPool(1, timeout_s=timeout_s, memory_mb=memory_mb)
 
@@ -134,7 +151,8 @@ class DecodeActor:
 
         decoded = []
         for se in batch["series"]:
-            fut = self.pool.submit(decode_series, se, timeout_s=series_timeout(self.timeout_s, len(se.instances)))
+            fut = self.pool.submit(decode_series, se, self.keep_pixels,
+                                   timeout_s=series_timeout(self.timeout_s, len(se.instances)))
             try:
                 decoded.append(fut.result())
             except LoadError as e:
@@ -234,7 +252,7 @@ def run_batch_ray(opts: BatchOptions, *, address: str | None = None, num_cpus: i
             n_inf = infer_actors or (int(gpus) if gpus >= 1 else max(1, cpus - n_dec))
             retry = {"max_restarts": -1, "max_task_retries": -1}
             ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * n_dec)))
-            ds = ds.map_batches(DecodeActor, fn_constructor_args=(opts.timeout_s, opts.memory_mb),
+            ds = ds.map_batches(DecodeActor, fn_constructor_args=(opts.timeout_s, opts.memory_mb, opts.reuse_pixels),
                                 batch_size=1, concurrency=n_dec, num_cpus=1, batch_format="numpy",
                                 zero_copy_batch=False, **retry)
             infer_kw: dict[str, Any] = {"num_gpus": 1} if gpus >= 1 else {"num_cpus": 1}

@@ -7,9 +7,10 @@ Runs the *installed* app (install.sh into a temporary prefix, then the `chestvie
 (QT_QPA_PLATFORM=offscreen), with a private CHESTVIEW_HOME so nothing lands in the user's data:
   1. `chestview --version`                  start-up time of the frozen interpreter + argparse;
   2. `chestview selftest`                   version, models + hashes, decoders, CPU/GPU, demo analysed;
-  3. `chestview view --demo` + CHESTVIEW_SMOKE_EXIT=1 (packaging/rthooks): time to the first painted
+  3. `chestview batch <demo>`               decoder child processes (spawn) work in the frozen app;
+  4. `chestview view --demo` + CHESTVIEW_SMOKE_EXIT=1 (packaging/rthooks): time to the first painted
      window and to the first displayed demo series;
-  4. uninstall.sh                           removes the prefix, the symlink and the menu entry.
+  5. uninstall.sh                           removes the prefix, the symlink and the menu entry.
 Standard library only (it tests the bundle, not the venv). Exit status 0 only if every step passed.
 Research use only, not for diagnostic use.
 """
@@ -107,6 +108,16 @@ def main(argv: list[str] | None = None) -> int:
             failures.append(f"selftest exited {rc}")
         elif version not in out:
             failures.append(f"selftest output lacks the version {version}")
+
+        # Batch review of the demo: decodes in spawned child processes (engine.safe_decode), which in a
+        # frozen app re-run the executable; the runtime hook must turn them into workers.
+        rc, out, _ = run([str(exe), "demo"], env, 600, "chestview demo")
+        demo = out.strip().splitlines()[-1] if out.strip() else ""
+        rc, out, dt = run([str(exe), "batch", demo, "--out", str(tmp / "batch")], env, args.timeout, "chestview batch <demo>")
+        results["batch_s"] = round(dt, 1)
+        m = re.search(r"(\d+) series failed", out)
+        if rc != 0 or "exited with status" in out or (m and m.group(1) != "0"):
+            failures.append(f"batch review of the demo failed (exit {rc})")
 
         env_view = dict(env, CHESTVIEW_SMOKE_EXIT="1", CHESTVIEW_SMOKE_TIMEOUT=str(int(args.timeout)))
         rc, out, dt = run([str(exe), "view", "--demo"], env_view, args.timeout + 60, "chestview view --demo (smoke exit)")

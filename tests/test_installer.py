@@ -213,6 +213,38 @@ def test_runtime_hook_cpu_variant_and_smoke_exit(tmp_path: Path) -> None:
     assert "first series displayed after" in lines[1] and "EXEC_RC=0" in r.stdout
 
 
+_FROZEN_EXE = """#!{python}
+# Stand-in for the frozen executable: the runtime hook, then a "main.py" that rejects unknown args.
+import runpy, sys
+sys.frozen = True
+runpy.run_path({hook!r})
+sys.stderr.write("main.py ran with %r\\n" % (sys.argv[1:],))
+sys.exit(2)
+"""
+
+_MP_PARENT = r"""
+import multiprocessing as mp, operator, sys
+sys.frozen = True  # multiprocessing now speaks the frozen protocol (--multiprocessing-fork, -c helpers)
+ctx = mp.get_context("spawn")
+ctx.set_executable(sys.argv[1])
+with ctx.Pool(1) as pool:  # a Pool also starts the resource tracker (the `-c` helper)
+    print("RESULT", pool.apply(operator.add, (2, 3)))
+"""
+
+
+def test_runtime_hook_turns_spawned_children_into_workers(tmp_path: Path) -> None:
+    """engine.safe_decode starts decoder children with `spawn`: in the frozen app they re-run the
+    executable, and must become workers instead of reaching main.py's argparse (exit status 2)."""
+    exe = tmp_path / "chestview"
+    exe.write_text(_FROZEN_EXE.format(python=sys.executable, hook=str(PKG / "rthooks" / "pyi_rth_chestview.py")))
+    exe.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "CHESTVIEW_SMOKE_EXIT"}
+    r = subprocess.run([sys.executable, "-c", _MP_PARENT, str(exe)], capture_output=True, text=True,
+                       env=env, timeout=60, cwd=tmp_path)
+    assert "RESULT 5" in r.stdout, r.stdout + r.stderr
+    assert "main.py ran" not in r.stderr, r.stderr
+
+
 # ---------------------------------------------------------------- the real build (opt-in)
 @pytest.mark.slow
 @pytest.mark.timeout(5400)

@@ -272,6 +272,7 @@ class WorklistDialog(QDialog):
         grey = r.get("status") in ("invalid", "unsupported") or any("untrained" in m for m in r.get("models") or [])
         for col, (text, key) in enumerate(vals):
             item = _SortItem(str(text))
+            item.setToolTip(str(text))
             if key is not None:
                 item.setData(SORT_ROLE, key)
             elif col in (COL_SCORE, COL_SEVERITY, COL_SEVERITY + 1):

@@ -3,8 +3,8 @@
 Why it exists (and why it lives in packaging/, not in the app code):
 - the `cpu` build variant ships without the cuDNN engine libraries, so it hides GPUs from torch
   (CUDA_VISIBLE_DEVICES="") instead of failing on the first convolution on a GPU machine;
-- child processes started with the `spawn`/`forkserver` method (Windows, macOS) re-run the executable:
-  `multiprocessing.freeze_support()` turns them into workers;
+- child processes started with the `spawn`/`forkserver` method (engine.safe_decode's decoder
+  processes on every OS) re-run the executable: `_multiprocessing_child()` turns them into workers;
 - `CHESTVIEW_SMOKE_EXIT=1` makes the viewer quit right after its main window has been painted and
   print how long that took (start-up time to first window, measured by the smoke test).
 Research use only, not for diagnostic use.
@@ -24,6 +24,41 @@ def _process_start_time() -> float:
         return float(psutil.Process().create_time())
     except Exception:
         return time.time()
+
+
+_MP_HELPERS = ("from multiprocessing.resource_tracker import", "from multiprocessing.forkserver import")
+
+
+def _multiprocessing_child() -> None:
+    """If the parent started this executable as a multiprocessing child, become that child and exit.
+
+    ``spawn``/``forkserver`` children of a frozen app re-run the executable with
+    ``--multiprocessing-fork key=value...`` (workers, e.g. engine.safe_decode's decoder processes) or
+    with interpreter flags + ``-c "from multiprocessing.resource_tracker import ..."`` (helpers).
+    Without this, main.py's argparse rejects those arguments and every decoder child exits with 2.
+    Custom runtime hooks run *before* PyInstaller's own multiprocessing hook (whose patched
+    ``freeze_support`` main.py would otherwise have to call), so this does the same work here.
+    The child never re-imports the main script (it is not a file in the bundle): the functions it
+    runs are module-level functions of importable modules.
+    """
+    argv = sys.argv
+    if "-c" in argv:
+        i = argv.index("-c")
+        if (i + 1 < len(argv) and all(a.startswith("-") for a in argv[1:i])
+                and argv[i + 1].startswith(_MP_HELPERS)):
+            exec(argv[i + 1], {"__name__": "__mp_helper__"})  # noqa: S102 (only multiprocessing's own two commands)
+            sys.exit(0)
+    if len(argv) >= 2 and argv[1] == "--multiprocessing-fork":
+        import multiprocessing.spawn as spawn
+
+        kwds: dict[str, int | None] = {}
+        for arg in argv[2:]:
+            name, _, value = arg.partition("=")
+            kwds[name] = None if value == "None" else int(value)
+        spawn._fixup_main_from_path = lambda *_a, **_k: None  # type: ignore[attr-defined]
+        spawn._fixup_main_from_name = lambda *_a, **_k: None  # type: ignore[attr-defined]
+        spawn.spawn_main(**kwds)
+        sys.exit(0)
 
 
 def _cpu_variant() -> bool:
@@ -121,18 +156,14 @@ def _install_smoke_exit(t0: float) -> None:
 
 
 def _main() -> None:
-    t0 = _process_start_time()
-    if "--multiprocessing-fork" in sys.argv:
-        import multiprocessing
-
-        multiprocessing.freeze_support()
     if _cpu_variant():
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         os.environ.setdefault("CHESTVIEW_BUILD_VARIANT", "cpu")
     else:
         os.environ.setdefault("CHESTVIEW_BUILD_VARIANT", "gpu")
+    _multiprocessing_child()
     if os.environ.get("CHESTVIEW_SMOKE_EXIT"):
-        _install_smoke_exit(t0)
+        _install_smoke_exit(_process_start_time())
 
 
 _main()
