@@ -193,10 +193,12 @@ def cpu_latency_ms(model, size: int, channels: int = 1, repeats: int = 10) -> fl
     return float(np.median(ts))
 
 
+_DATA_HINT: list[str] = [""]
+
+
 def _reference_scores(ds, size: int, log: Callable[[str], None]):
     """Our shipped DenseNet-121 (trained card) as the reference row, or None when untrained."""
     import torch
-    import torch.nn.functional as F
 
     from engine.train import predict
 
@@ -211,9 +213,13 @@ def _reference_scores(ds, size: int, log: Callable[[str], None]):
         log("[compare] reference DenseNet-121 is untrained: no reference row")
         return None
     model = lm.module.float().eval()
+    native = int((lm.card.get("preprocessing") or {}).get("input_size") or 224)
     x = ds.x
-    if size != 224:
-        x = F.interpolate(x.float(), size=(224, 224), mode="bilinear", align_corners=False)
+    if size != native:
+        # The reference sees its own preprocessing (prepare_xray at its native size), same images and order.
+        from engine.datasets import load_xray_set
+
+        x = load_xray_set(ds.info.get("data") or _DATA_HINT[0], size=native, progress=False).x
     p = torch.softmax(predict(model, x)["covid"], 1)[:, 0].numpy()
     return model, p, lm.card
 
@@ -360,6 +366,7 @@ def run_compare(data: str, out: str, *, models: list[str] | None = None, size: i
     outp = Path(out)
     (outp / "runs").mkdir(parents=True, exist_ok=True)
     ds = load_xray_set(data, size=size, cache_dir=cache_dir, progress=False)
+    _DATA_HINT[0] = data
     check_no_patient_leak(ds.rows)
     names = models or list(ZOO)
     table: list[dict] = []

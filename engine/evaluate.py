@@ -453,6 +453,29 @@ def _progress(tag: str):
     return f
 
 
+def fp16_safe_rescale(model, limit: float = 1e4) -> dict:
+    """Make the X-ray DenseNet's BatchNorm buffers fit in fp16 without changing its function.
+
+    With inputs in [-1024, 1024] the first BatchNorm's running variance reaches ~1e6, beyond fp16's
+    65504 (it would become inf). conv0 -> norm0 is linear, so dividing conv0's weights and norm0's
+    running mean by c, and its running variance by c^2, leaves the output unchanged (up to eps).
+    """
+    import torch
+
+    feats = getattr(model, "features", None)
+    if feats is None or not hasattr(feats, "conv0") or not hasattr(feats, "norm0"):
+        return {}
+    vmax = float(feats.norm0.running_var.max())
+    if vmax <= limit:
+        return {}
+    c = float(2 ** np.ceil(0.5 * np.log2(vmax / limit)))
+    with torch.no_grad():
+        feats.conv0.weight /= c
+        feats.norm0.running_mean /= c
+        feats.norm0.running_var /= c * c
+    return {"features.conv0/norm0": {"divided_by": c, "running_var_max_before": vmax}}
+
+
 def _round_fp16(model):
     import copy
 
@@ -488,6 +511,12 @@ def evaluate_xray(model, info: dict, data: Path, write_card: bool, out_dir: Path
     # Score the weights as shipped: fp16-rounded (upcast to fp32 like the registry does); compare with
     # the fp32 weights on a few validation images.
     model32 = model
+    x_chk = ds.x[idx["val"][:16]].float()
+    with torch.no_grad():
+        before = model32(x_chk)["covid"]
+    rescaled = fp16_safe_rescale(model32)
+    with torch.no_grad():
+        rescale_diff = float((model32(x_chk)["covid"] - before).abs().max())
     model = _round_fp16(model32)
     logits, feats = {}, {}
     for s in ("val", "test", "train"):
@@ -543,7 +572,8 @@ def evaluate_xray(model, info: dict, data: Path, write_card: bool, out_dir: Path
     p32, p16 = _xray_scores(l32), _xray_scores(logits["val"][:n_cmp])
     f16 = {"compared_on": f"first {n_cmp} validation images", "max_abs_logit_diff": diff,
            "max_abs_prob_diff": max(float(np.abs(p32[k] - p16[k]).max()) for k in labels),
-           "note": "all metrics in this card are computed with the fp16-rounded weights as shipped"}
+           "note": "all metrics in this card are computed with the fp16-rounded weights as shipped",
+           "rescaled_for_fp16": rescaled, "rescale_max_abs_logit_change_fp32": rescale_diff}
     keep16 = f16["max_abs_prob_diff"] < 0.01
     result = {"kind": "xray", "thresholds": thresholds, "metrics": metrics, "ood": ood, "fp16": f16}
     if write_card:

@@ -253,11 +253,11 @@ def run_batch_ray(opts: BatchOptions, *, address: str | None = None, num_cpus: i
             retry = {"max_restarts": -1, "max_task_retries": -1}
             ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), 4 * n_dec)))
             ds = ds.map_batches(DecodeActor, fn_constructor_args=(opts.timeout_s, opts.memory_mb, opts.reuse_pixels),
-                                batch_size=1, concurrency=n_dec, num_cpus=1, batch_format="numpy",
+                                batch_size=1, compute=ray.data.ActorPoolStrategy(size=n_dec), num_cpus=1, batch_format="numpy",
                                 zero_copy_batch=False, **retry)
             infer_kw: dict[str, Any] = {"num_gpus": 1} if gpus >= 1 else {"num_cpus": 1}
             ds = ds.map_batches(InferActor, fn_constructor_args=(opts.heatmaps,), batch_size=batch_size,
-                                concurrency=n_inf, batch_format="numpy", zero_copy_batch=False,
+                                compute=ray.data.ActorPoolStrategy(size=n_inf), batch_format="numpy", zero_copy_batch=False,
                                 **infer_kw, **retry)
             current: dict[str, dict[int, Any]] = {}
             for row in ds.iter_rows():

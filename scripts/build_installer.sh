@@ -76,4 +76,5 @@ if [ "$SMOKE" = 1 ]; then
     "$PY" packaging/smoke_test.py --stage "$STAGE" --report "$REPORT" \
         $( [ "$ARCHIVE" = 1 ] && echo "--archive $TARBALL" )
 fi
-echo "[installer] done in $(( $(date +%s) - t0 )) s: ${TARBALL}"
+if [ "$ARCHIVE" = 1 ]; then OUTPUT=$TARBALL; else OUTPUT=$STAGE; fi
+echo "[installer] done in $(( $(date +%s) - t0 )) s: ${OUTPUT}"
