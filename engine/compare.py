@@ -79,7 +79,8 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 50) -> np.ndarray:
 
 
 def train_zoo_model(name: str, ds, run_dir: Path, *, epochs: int, batch: int, lr: float, seed: int,
-                    threads: int, reuse: bool, log: Callable[[str], None]) -> tuple[object, dict]:
+                    threads: int, reuse: bool, log: Callable[[str], None],
+                    samples_per_epoch: int = 0) -> tuple[object, dict]:
     """Train (or reload from ``run_dir``) one zoo model with the shared recipe."""
     import torch
     import torch.nn.functional as F
@@ -118,7 +119,7 @@ def train_zoo_model(name: str, ds, run_dir: Path, *, epochs: int, batch: int, lr
         return augment_batch(xb, generator=generator)
 
     cfg = TrainConfig(epochs=epochs, batch=batch, lr=lr, seed=seed, threads=threads, patience=max(3, epochs),
-                      log_every=0, extra={"model": name})
+                      log_every=0, samples_per_epoch=samples_per_epoch, extra={"model": name})
     t0 = time.time()
     if spec.decomposition:
         # DeTraC: (1) train on the original classes through the composition layer, (2) decompose each
@@ -281,7 +282,8 @@ def write_outputs(out: Path, table: list[dict], scores: dict[str, np.ndarray], d
              "Research use only, not for diagnostic use. Task: COVID-19 vs not-COVID chest X-ray.",
              f"Data: {meta['data']} (patient-level split from labels.csv; train {meta['n_train']}, "
              f"val {meta['n_val']}, test {meta['n_test']} images). Input {meta['size']} px; "
-             f"{meta['epochs']} epochs, batch {meta['batch']}, same seed ({meta['seed']}), augmentation and "
+             f"{meta['epochs']} epochs of {meta['samples_per_epoch']} samples, batch {meta['batch']}, same seed "
+             f"({meta['seed']}), augmentation and "
              "source-balanced sampling for every model; thresholds chosen on validation (Youden), applied to test.",
              f"Measured on: {meta['device']}. 95% CIs: patient-level bootstrap ({meta['n_boot']} resamples). "
              "p: two-sided DeLong test of test AUC against the reference row (our shipped DenseNet-121).", "",
@@ -350,6 +352,7 @@ def write_outputs(out: Path, table: list[dict], scores: dict[str, np.ndarray], d
 
 def run_compare(data: str, out: str, *, models: list[str] | None = None, size: int = 224, epochs: int = 6,
                 batch: int = 16, lr: float = 1e-3, seed: int = 0, threads: int = 2, n_boot: int = 1000,
+                samples_per_epoch: int = 0,
                 reuse: bool = True, include_reference: bool = True, cache_dir: Path | None = None,
                 log: Callable[[str], None] = print) -> list[dict]:
     import platform
@@ -373,10 +376,10 @@ def run_compare(data: str, out: str, *, models: list[str] | None = None, size: i
     scores: dict[str, np.ndarray] = {}
     ref = _reference_scores(ds, size, log) if include_reference else None
     for name in names:
-        run_dir = outp / "runs" / f"{name}-s{size}-e{epochs}-b{batch}-seed{seed}"
+        run_dir = outp / "runs" / f"{name}-s{size}-e{epochs}x{samples_per_epoch or 'all'}-b{batch}-seed{seed}"
         log(f"[compare] {name}: training ({epochs} epochs, size {size})")
         model, hist = train_zoo_model(name, ds, run_dir, epochs=epochs, batch=batch, lr=lr, seed=seed,
-                                      threads=threads, reuse=reuse, log=log)
+                                      threads=threads, reuse=reuse, log=log, samples_per_epoch=samples_per_epoch)
         model.eval()
         p = p_covid(name, model, predict(model, ds.x))
         scores[name] = p
@@ -398,6 +401,7 @@ def run_compare(data: str, out: str, *, models: list[str] | None = None, size: i
         for row in table[:-1]:
             row["delong_p"] = delong_test(y, scores[row["name"]][te], rp[te]).p_value
     meta = {"data": str(Path(data).resolve()), "size": size, "epochs": epochs, "batch": batch, "seed": seed,
+            "samples_per_epoch": samples_per_epoch or "all training images",
             "n_boot": n_boot, "n_train": len(ds.indices("train")), "n_val": len(ds.indices("val")),
             "n_test": len(ds.indices("test")),
             "device": f"CPU ({platform.processor() or platform.machine()}, {threads} threads), torch {torch.__version__}"}
@@ -433,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--samples-per-epoch", type=int, default=0, help="sampled training images per epoch (0 = all)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -445,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cli_main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     run_compare(a.data, a.out, models=a.models, size=a.size, epochs=a.epochs, batch=a.batch, lr=a.lr,
+                samples_per_epoch=a.samples_per_epoch,
                 seed=a.seed, threads=a.threads, n_boot=a.n_boot, reuse=not a.no_reuse,
                 include_reference=not a.no_reference, log=lambda s: print(s, flush=True))
     return 0

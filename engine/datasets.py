@@ -8,6 +8,7 @@ CPU costs only the network. Splits are the patient-level ones given in the CSVs.
 from __future__ import annotations
 
 import csv
+import json
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: safetensors + JSON (no pickles anywhere)
 XRAY_LABELS = ["covid", "other_pneumonia", "normal", "other_finding"]
 # covid head order = engine.models.densenet_xray.COVID_CLASSES ("COVID-19", "Other pneumonia", "Normal")
 XRAY_TO_COVID_HEAD = {"covid": 0, "other_pneumonia": 1, "normal": 2, "other_finding": -1}
@@ -88,18 +89,24 @@ def _cache_file(kind: str, csv_path: Path, size: int, cache_dir: Path | None) ->
     h = hashlib.sha256(csv_path.read_bytes()).hexdigest()[:12]
     d = cache_dir or default_cache_dir()
     d.mkdir(parents=True, exist_ok=True)
-    return d / f"{kind}-{size}-{h}-v{CACHE_VERSION}.pt"
+    return d / f"{kind}-{size}-{h}-v{CACHE_VERSION}.safetensors"
 
 
 def _build(kind: str, csv_path: Path, rows: list[dict[str, str]], size: int, encode, cache_dir: Path | None,
            progress: bool) -> ImageSet:
     import torch
 
+    from safetensors.torch import load_file, save_file
+
     cf = _cache_file(kind, csv_path, size, cache_dir)
-    if cf.is_file():
-        blob = torch.load(cf, weights_only=True)
-        if blob["paths"] == [r["path"] for r in rows]:
-            return ImageSet(kind, blob["x"], rows, size, blob.get("info", {}))
+    meta_f = cf.with_suffix(".json")
+    if cf.is_file() and meta_f.is_file():
+        try:
+            meta = json.loads(meta_f.read_text())
+            if meta["paths"] == [r["path"] for r in rows]:
+                return ImageSet(kind, load_file(str(cf))["x"], rows, size, meta.get("info", {}))
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache is rebuilt
     x = torch.empty((len(rows), 1, size, size), dtype=torch.float16)
     info: dict = {"fallback_crops": 0}
     for i, r in enumerate(rows):
@@ -110,8 +117,11 @@ def _build(kind: str, csv_path: Path, rows: list[dict[str, str]], size: int, enc
         if progress and (i + 1) % 200 == 0:
             print(f"[cache] {kind}: {i + 1}/{len(rows)} images", flush=True)
     tmp = cf.with_suffix(".tmp")
-    torch.save({"x": x, "paths": [r["path"] for r in rows], "info": info}, tmp)
+    save_file({"x": x.contiguous()}, str(tmp))
     tmp.replace(cf)
+    tmp_meta = meta_f.with_suffix(".json.tmp")
+    tmp_meta.write_text(json.dumps({"paths": [r["path"] for r in rows], "info": info}))
+    tmp_meta.replace(meta_f)
     return ImageSet(kind, x, rows, size, info)
 
 

@@ -234,6 +234,13 @@ def severity_calibration(rows, logits) -> dict | None:
             "pearson_r_train": float(np.corrcoef(z, geo)[0, 1])}
 
 
+def _severity_ok(sev: dict) -> bool:
+    """Show severity scores only if they were calibrated and agree with held-out expert scores."""
+    cal = sev.get("calibration") or {}
+    r = (((sev.get("fixed_formula") or {}).get("held_out_val_test") or {}).get("geographic_extent") or {}).get("pearson_r")
+    return bool("scale" in cal and r is not None and not np.isnan(r) and r >= 0.5)
+
+
 def _fold_affine(model, j: int, a: float, b: float) -> None:
     import torch
 
@@ -640,7 +647,9 @@ def _write_xray_card(model, info, ds, thresholds, metrics, ood, tensors, out_dir
                  "note": "Only Pneumonia and Lung Opacity of the 18 torchxrayvision outputs were trained (the other 16 "
                          "had no labels and were masked out of the loss): they must never be shown as findings. "
                          "'Normal' is reported through the 3-class head but has no finding threshold."},
-        severity={"enabled": True, "logit": "Lung Opacity", "formula": "Cohen et al. 2020 constants (engine.severity)",
+        severity={"enabled": _severity_ok(metrics.get("severity", {})), "logit": "Lung Opacity",
+                  "enable_rule": "enabled only when the train-split calibration was applied and the held-out "
+                                 "(val+test) Pearson r of the geographic extent is >= 0.5", "formula": "Cohen et al. 2020 constants (engine.severity)",
                   "evaluation": metrics.get("severity", {}),
                   "calibration": metrics.get("severity", {}).get("calibration"),
                   "caveat": "The Lung Opacity logit was trained as opacity present/absent on our labels, then affinely "
@@ -668,7 +677,9 @@ def _write_xray_card(model, info, ds, thresholds, metrics, ood, tensors, out_dir
                      "COVID-19 images come almost only from web/paper-figure sources and most normal/pneumonia images "
                      "from one NIH archive: pooled metrics overstate disease detection; read the per-source numbers "
                      "(ieee8023 is the only source with both COVID and non-COVID images).",
-                     "No external test set was available here."],
+                     "No external test set was available here.",
+                     "Severity (Cohen et al. formula on the Lung Opacity logit) is disabled unless it passed the "
+                     "enable rule in 'severity'; see metrics.severity for the agreement with the expert scores."],
         evaluated_by="python main.py evaluate (engine/evaluate.py)",
         source=f"trained by ChestView (engine/train.py), run {run.get('started', '?')}",
     )

@@ -95,11 +95,60 @@ def augment_batch(x, *, rot_deg: float = 7.0, scale: tuple[float, float] = (0.92
     return z * (hi - lo) + lo
 
 
+def save_checkpoint(path: Path, model, opt, hist: dict, epoch: int) -> None:
+    """Resumable checkpoint without pickles: tensors in safetensors, the rest in a JSON sidecar.
+
+    Written atomically (temp + rename), tensors first, so a killed run leaves the previous pair
+    or the new one."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    osd = opt.state_dict()
+    for pid, st in osd["state"].items():
+        for name, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"opt.{pid}.{name}"] = v.detach().cpu().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    np_state = np.random.get_state()
+    tensors["rng.numpy_keys"] = torch.from_numpy(np.asarray(np_state[1], dtype=np.int64))
+    meta = {"hist": hist, "epoch": epoch, "param_groups": osd["param_groups"],
+            "opt_scalars": {str(pid): {n: v for n, v in st.items() if not torch.is_tensor(v)}
+                            for pid, st in osd["state"].items()},
+            "numpy_rng": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+    tmp_meta = path.with_suffix(".json.tmp")
+    tmp_meta.write_text(json.dumps(meta, default=float))
+    tmp_meta.replace(path.with_suffix(".json"))
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Inverse of :func:`save_checkpoint` (safetensors + JSON; never unpickles)."""
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    model = {k[len("model."):]: v for k, v in t.items() if k.startswith("model.")}
+    state: dict = {}
+    for k, v in t.items():
+        if k.startswith("opt."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    for pid, sc in meta.get("opt_scalars", {}).items():
+        state.setdefault(int(pid), {}).update(sc)
+    name, pos, has_gauss, cached = meta["numpy_rng"]
+    np_rng = (name, t["rng.numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached)
+    return {"model": model, "opt": {"state": state, "param_groups": meta["param_groups"]}, "hist": meta["hist"],
+            "epoch": meta["epoch"], "torch_rng": t["rng.torch"], "np_rng": np_rng}
+
+
 def fit(model, x_train, loss_fn: Callable, evaluate: Callable, cfg: TrainConfig, out: Path,
         weights: np.ndarray | None = None, augment: Callable | None = None, resume: bool = False,
         log: Callable[[str], None] = print) -> dict:
     """Generic loop. ``loss_fn(model, xb, idx)`` -> scalar loss for training rows ``idx``;
-    ``evaluate(model)`` -> (score to maximise, metrics dict). Writes ``out/last.pt`` every epoch
+    ``evaluate(model)`` -> (score to maximise, metrics dict). Writes ``out/last.safetensors`` (+ .json) every epoch
     (resumable) and ``out/best.safetensors`` (fp32) whenever the val score improves."""
     import torch
     from safetensors.torch import save_file
@@ -117,9 +166,9 @@ def fit(model, x_train, loss_fn: Callable, evaluate: Callable, cfg: TrainConfig,
     hist: dict = {"epochs": [], "best_score": -math.inf, "best_epoch": -1, "config": asdict(cfg),
                   "train_seconds": 0.0, "stopped": ""}
     start_epoch = 0
-    ck = out / "last.pt"
-    if resume and ck.is_file():
-        state = torch.load(ck, weights_only=False)
+    ck = out / "last.safetensors"
+    if resume and ck.is_file() and ck.with_suffix(".json").is_file():
+        state = load_checkpoint(ck)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         hist = state["hist"]
@@ -180,8 +229,7 @@ def fit(model, x_train, loss_fn: Callable, evaluate: Callable, cfg: TrainConfig,
         log(f"[train] epoch {epoch + 1} done in {dt:.0f}s: loss {rec['loss']:.4f} val score {score:.4f} "
             f"{best_note} "
             + " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "hist": hist, "epoch": epoch,
-                    "torch_rng": torch.get_rng_state(), "np_rng": np.random.get_state()}, ck)
+        save_checkpoint(ck, model, opt, hist, epoch)
         (out / "history.json").write_text(json.dumps(hist, indent=1, default=float))
         if no_improve >= cfg.patience:
             hist["stopped"] = f"early stop: no val improvement for {cfg.patience} epochs"
@@ -367,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.safetensors")
     p.add_argument("--balance", choices=["source", "none"], default="source",
                    help="source-balanced sampling (shortcut mitigation) or plain class frequencies")
     p.add_argument("--init", help="start from these weights (safetensors), e.g. a low-resolution stage's best")

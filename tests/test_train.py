@@ -147,7 +147,7 @@ def test_train_then_evaluate_writes_a_loadable_card(shared_data, tmp_path, monke
     run = tmp_path / "run"
     assert train_main(["ct", "--data", str(data), "--out", str(run), "--epochs", "1", "--batch", "4",
                        "--threads", "1", "--log-every", "0"]) == 0
-    assert (run / "best.safetensors").is_file() and (run / "last.pt").is_file()
+    assert (run / "best.safetensors").is_file() and (run / "last.safetensors").is_file() and (run / "last.json").is_file()
     models = tmp_path / "models"
     assert eval_main([str(run), "--data", str(data), "--write-card", "--out", str(models), "--threads", "1"]) == 0
     card_path = models / "ct-inception-1.0.0.json"
