@@ -169,7 +169,9 @@ def test_heatmap_overlay_follows_controls(qtbot, window, demo_dir, artifacts_dir
     np.testing.assert_array_equal(ov.rgba[..., 3], np.where(small >= 0.60, 204, 0))
     p.colormap_combo.setCurrentText("inferno")
     r, c = np.unravel_index(np.argmax(small), small.shape)
-    np.testing.assert_array_equal(ov.rgba[r, c, :3], colormap_lut("inferno")[255])
+    lut = colormap_lut("inferno")
+    expect = lut[min(int(small[r, c] * (len(lut) - 1) + 0.5), len(lut) - 1)]   # the hottest sampled pixel
+    np.testing.assert_array_equal(ov.rgba[r, c, :3], expect)
 
     # On screen, at the hottest pixel: grey without the overlay, the colormap's top colour with it.
     rr, cc = np.unravel_index(np.argmax(hm.array), hm.array.shape)
