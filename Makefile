@@ -9,11 +9,11 @@ run:
 	@$(PY) main.py run-demo
 
 test:
-	@bash scripts/setup.sh test,cluster
+	@bash scripts/setup.sh test,cluster,installer
 	@bash scripts/run_tests.sh
 
 bench:
-	@bash scripts/setup.sh test,cluster
+	@bash scripts/setup.sh test,cluster,installer
 	@for f in bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
 
 installer:
