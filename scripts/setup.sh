@@ -34,15 +34,24 @@ stamp="$VENV/.chestview-installed-$(cat pyproject.toml scripts/setup.sh | sha256
 if [ -f "$stamp" ]; then
   exit 0
 fi
+# pip, minus the local-index "Location ... is ignored" noise of this machine's pip config.
+pipq() {
+  local rc
+  set +e
+  "$VPY" -m pip "$@" 2>&1 | grep -v "is ignored: it is neither a file nor a directory"
+  rc=${PIPESTATUS[0]}
+  set -e
+  return "$rc"
+}
 "$VPY" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 if ! "$VPY" -c "import torch, torchvision, sys; sys.exit(0 if (torch.__version__.startswith('2.14.1') and torchvision.__version__.startswith('0.29.1')) else 1)" 2>/dev/null; then
   echo "[setup] installing torch==2.14.1 torchvision==0.29.1 (about a minute)"
-  "$VPY" -m pip install -q torch==2.14.1 torchvision==0.29.1
+  pipq install -q torch==2.14.1 torchvision==0.29.1
 fi
 spec="."
 [ -n "$EXTRAS" ] && spec=".[$EXTRAS]"
 echo "[setup] installing ChestView and pinned dependencies ($spec)"
-"$VPY" -m pip install -q -e "$spec"
+pipq install -q -e "$spec"
 rm -f "$VENV"/.chestview-installed-*-"${EXTRAS:-base}"
 touch "$stamp"
 echo "[setup] ready: $VENV"

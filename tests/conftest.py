@@ -56,3 +56,18 @@ def _protect_singletons() -> None:
 
 
 _protect_singletons()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module: faster than two on a shared 2-core CI machine for
+    the small batches of the model tests (use with ``pytestmark = pytest.mark.usefixtures(...)``)."""
+    import torch
+
+    from engine.models.devices import configure_threads
+
+    configure_threads()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -17,19 +17,8 @@ from engine.models import convert_xrv
 from engine.models.densenet_xray import XRV_PATHOLOGIES, XRayDenseNet
 
 
-pytestmark = pytest.mark.filterwarnings("ignore:Couldn't retrieve source code")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: faster than two on a shared CI core for these small batches."""
-    from engine.models.devices import configure_threads
-
-    configure_threads()
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.filterwarnings("ignore:Couldn't retrieve source code"),
+              pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")

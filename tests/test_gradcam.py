@@ -10,19 +10,9 @@ from torch import nn
 from engine.explain.gradcam import cams_from_fmap, ct_heatmap, gradcam, normalise, xray_heatmap
 from engine.preprocess.xray import prepare_xray
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SIZE = 32
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: one intra-op thread is faster than two, and much faster on a shared CI core."""
-    from engine.models.devices import configure_threads
-
-    configure_threads()          # the once-per-process setup happens now, not inside the test
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 class TinyNet(nn.Module):

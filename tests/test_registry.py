@@ -10,17 +10,7 @@ from engine.errors import ModelError
 from engine.models import registry
 from engine.models.densenet_xray import COVID_CLASSES, XRV_PATHOLOGIES
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: faster than two on a shared CI core for these small batches."""
-    from engine.models.devices import configure_threads
-
-    configure_threads()
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture()

@@ -6,19 +6,7 @@ import pytest
 from engine import selftest
 from engine.models import registry
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: faster than two on a shared CI core for these small batches."""
-    import torch
-
-    from engine.models.devices import configure_threads
-
-    configure_threads()
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_selftest_on_demo(demo_dir, tmp_path, monkeypatch, capsys):
