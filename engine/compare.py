@@ -293,11 +293,12 @@ def write_outputs(out: Path, table: list[dict], scores: dict[str, np.ndarray], d
     for row in table:
         t, v = row["eval"]["test"], row["eval"]["val"]
         p = row.get("delong_p")
+        ts = f"{row['train_seconds']:.0f}" if row["train_seconds"] else "—"
         lines.append(
             f"| {row['name']} | {_fmt(t, 'auc')} | {_fmt(t, 'accuracy')} | {_fmt(t, 'sensitivity')} | "
             f"{_fmt(t, 'specificity')} | {_fmt(t, 'ppv')} | {_fmt(t, 'f1')} | {_fmt(v, 'auc')} | "
             f"{row['params'] / 1e6:.1f} M | {row['flops'] / 1e9:.2f} | {row['latency_ms']:.0f} | "
-            f"{row['train_seconds']:.0f} | {'—' if p is None else f'{p:.3g}'} | "
+            f"{ts} | {'—' if p is None else f'{p:.3g}'} | "
             f"{REPORTED.get(row['name'], {}).get('reported', '')} |")
     lines += ["", "## Per test source (AUC, sensitivity, specificity)", "",
               "| model | " + " | ".join(sorted(table[0]["eval"]["test_sources"])) + " |",
