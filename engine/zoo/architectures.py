@@ -32,6 +32,23 @@ def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) 
                          nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+class _FeaturesClassifier(nn.Module):
+    """``features`` -> feature map (the Grad-CAM layer) -> ``classifier``: the split every zoo
+    model exposes, like our DenseNet-121 and CT Inception."""
+
+    features: nn.Module
+    classifier: nn.Module
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def head(self, f: torch.Tensor) -> torch.Tensor:
+        return self.classifier(f)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.feature_map(x))
+
+
 class VGG16Binary(nn.Module):
     """Szalay, Jakab, Szegedi: VGG-16 transfer learning, COVID-19 vs not-COVID.
 
@@ -58,7 +75,7 @@ class VGG16Binary(nn.Module):
         return self.head(self.feature_map(x))
 
 
-class AlAsfoorCNN(nn.Module):
+class AlAsfoorCNN(_FeaturesClassifier):
     """Al-Asfoor and Abed: 22-layer CNN, 224x224 input, four repeated conv/BN/ReLU/pool blocks,
     two fully connected layers with dropout, softmax over COVID-19 / normal / pneumonia.
 
@@ -77,15 +94,6 @@ class AlAsfoorCNN(nn.Module):
         self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(cin * 16, 256),
                                         nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(256, num_classes))
 
-    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-    def head(self, f: torch.Tensor) -> torch.Tensor:
-        return self.classifier(f)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.feature_map(x))
-
 
 class _RowLSTMHead(nn.Module):
     """Reads a (N, C, H, W) feature map row by row (H steps of C*W... pooled to C) with an LSTM/GRU."""
@@ -102,7 +110,7 @@ class _RowLSTMHead(nn.Module):
         return self.fc(out[:, -1])
 
 
-class IslamCNNLSTM(nn.Module):
+class IslamCNNLSTM(_FeaturesClassifier):
     """Islam et al. (as reviewed by Clark et al.): 12 convolutional layers, 5 pooling layers,
     1 fully connected layer and an LSTM over the feature map's rows, softmax over 3 classes.
 
@@ -118,15 +126,6 @@ class IslamCNNLSTM(nn.Module):
             layers.append(nn.MaxPool2d(2) if p == "P" else _conv_bn(*p))
         self.features = nn.Sequential(*layers)
         self.classifier = _RowLSTMHead(256, 128, num_classes, "lstm")
-
-    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-    def head(self, f: torch.Tensor) -> torch.Tensor:
-        return self.classifier(f)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.feature_map(x))
 
 
 class BargaviCNNRNN(nn.Module):
@@ -178,7 +177,7 @@ class PEPX(nn.Module):
         return F.relu(self.block(x) + self.skip(x))
 
 
-class COVIDNetSmall(nn.Module):
+class COVIDNetSmall(_FeaturesClassifier):
     """COVID-Net-style network: a 7x7 stem and four stages of PEPX blocks with long-range
     (1x1 projected) shortcuts, 3 classes. Departure: fewer blocks per stage than COVID-Net
     (2-2-3-2 instead of 3-4-6-3) and 224 input instead of 480, to train on CPU."""
@@ -195,15 +194,6 @@ class COVIDNetSmall(nn.Module):
         self.features = nn.Sequential(*stages)
         self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 256),
                                         nn.ReLU(inplace=True), nn.Linear(256, num_classes))
-
-    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-    def head(self, f: torch.Tensor) -> torch.Tensor:
-        return self.classifier(f)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.feature_map(x))
 
 
 class DeTraC(nn.Module):
