@@ -374,6 +374,30 @@ def _decoded(series: Any, fut: Any) -> Decoded | LoadError:
         return LoadError(series.instances[0].path if series.instances else "", e.reason)
 
 
+def open_output(opts: BatchOptions) -> tuple[Path, Path, Journal]:
+    """Check the paths and open (lock) the output folder's journal: the start of every engine."""
+    inp, out = check_paths(opts.input, opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    journal = Journal(out)
+    journal.open({"schema": "chestview-batch/1", "deidentify": bool(opts.deidentify),
+                  "input": "<de-identified>" if opts.deidentify else str(inp)})
+    return inp, out, journal
+
+
+def plan_and_report(inp: Path, opts: BatchOptions, summary: BatchSummary, *, cancel: CancelFn | None,
+                    index_fn: Callable | None, on_problem: Callable[[str, str], None] | None
+                    ) -> tuple[BatchPlan, Deidentifier]:
+    """Stage 1 plus its bookkeeping: counts into ``summary`` and each skipped file to ``on_problem``
+    (de-identified when asked)."""
+    plan = plan_batch(inp, cancel=cancel, heatmaps=opts.heatmaps, deidentify=opts.deidentify, index_fn=index_fn)
+    deid = Deidentifier(opts.deidentify, plan.patients)
+    summary.studies_total, summary.problem_files = len(plan.studies), len(plan.problems)
+    for p in plan.problems:
+        if on_problem:
+            on_problem(deid.scrub(p["path"]), deid.scrub(p["reason"]))
+    return plan, deid
+
+
 def run_batch(opts: BatchOptions, *, progress: Callable[[int, int, float, float], None] | None = None,
               on_problem: Callable[[str, str], None] | None = None,
               on_study: Callable[[dict[str, Any]], None] | None = None,
@@ -386,20 +410,11 @@ def run_batch(opts: BatchOptions, *, progress: Callable[[int, int, float, float]
     after each study is committed (also for studies found in the journal).
     """
     t_start = time.perf_counter()
-    inp, out = check_paths(opts.input, opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    journal = Journal(out)
-    journal.open({"schema": "chestview-batch/1", "deidentify": bool(opts.deidentify),
-                  "input": "<de-identified>" if opts.deidentify else str(inp)})
+    inp, out, journal = open_output(opts)
     summary = BatchSummary(out, None, None, None)
     pool: LimitedPool | None = None
     try:
-        plan = plan_batch(inp, cancel=cancel, heatmaps=opts.heatmaps, deidentify=opts.deidentify, index_fn=index_fn)
-        deid = Deidentifier(opts.deidentify, plan.patients)
-        summary.studies_total, summary.problem_files = len(plan.studies), len(plan.problems)
-        for p in plan.problems:
-            if on_problem:
-                on_problem(deid.scrub(p["path"]), deid.scrub(p["reason"]))
+        plan, deid = plan_and_report(inp, opts, summary, cancel=cancel, index_fn=index_fn, on_problem=on_problem)
         todo: list[StudyTask] = []
         for t in plan.studies:
             if journal.is_done(t.key, t.fingerprint):

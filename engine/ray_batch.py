@@ -26,11 +26,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from engine.batch import (BatchOptions, BatchSummary, check_paths, finalize, input_root, plan_batch, rel_path,
-                          series_outcome, study_record)
+from engine.batch import (BatchOptions, BatchSummary, check_paths, finalize, input_root, open_output, plan_and_report,
+                          rel_path, series_outcome, study_record)
 from engine.dicom.records import IndexResult, PatientRecord, SeriesRecord, StudyRecord
 from engine.errors import LoadError
-from engine.journal import Journal
 
 INDEX_CHUNK = 256          # files per index task
 
@@ -207,11 +206,8 @@ def run_batch_ray(opts: BatchOptions, *, address: str | None = None, num_cpus: i
                   cancel: Callable[[], bool] | None = None) -> BatchSummary:
     """Same contract as engine.batch.run_batch, on a Ray cluster (``address``) or a local Ray."""
     ray = _require_ray()
-    import numpy as np
-
     t_start = time.perf_counter()
-    inp, out = check_paths(opts.input, opts.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_paths(opts.input, opts.out)          # fail fast, before a Ray instance is started
     started_here = False
     if not ray.is_initialized():
         init_kw: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False,
@@ -224,19 +220,10 @@ def run_batch_ray(opts: BatchOptions, *, address: str | None = None, num_cpus: i
         ray.init(**init_kw)
         started_here = True
     _quiet_ray_data(ray)
-    journal = Journal(out)
-    journal.open({"schema": "chestview-batch/1", "deidentify": bool(opts.deidentify),
-                  "input": "<de-identified>" if opts.deidentify else str(inp)})
+    inp, out, journal = open_output(opts)
     summary = BatchSummary(out, None, None, None)
     try:
-        from engine.report import Deidentifier
-
-        plan = plan_batch(inp, cancel=cancel, heatmaps=opts.heatmaps, deidentify=opts.deidentify, index_fn=ray_index)
-        deid = Deidentifier(opts.deidentify, plan.patients)
-        summary.studies_total, summary.problem_files = len(plan.studies), len(plan.problems)
-        for p in plan.problems:
-            if on_problem:
-                on_problem(deid.scrub(p["path"]), deid.scrub(p["reason"]))
+        plan, deid = plan_and_report(inp, opts, summary, cancel=cancel, index_fn=ray_index, on_problem=on_problem)
         todo = [t for t in plan.studies if not journal.is_done(t.key, t.fingerprint)]
         summary.studies_skipped = len(plan.studies) - len(todo)
         done = summary.studies_skipped
@@ -294,7 +281,6 @@ def run_batch_ray(opts: BatchOptions, *, address: str | None = None, num_cpus: i
         paths = finalize(out, plan, journal, deid, run)
         summary.report_html, summary.results_json, summary.results_csv = paths["html"], paths["json"], paths["csv"]
         summary.seconds = seconds
-        del np
         return summary
     finally:
         journal.close()
