@@ -57,6 +57,8 @@ DELEGATED: dict[str, str] = {
     "selftest": "engine.selftest",
     "train": "engine.train",
     "evaluate": "engine.evaluate",
+    "train-xray-lung": "engine.train_xray_lung",
+    "evaluate-xray-lung": "engine.evaluate_xray_lung",
     "compare": "engine.compare",
     "convert-xrv": "engine.models.convert_xrv",
 }
@@ -89,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("batch", "engine.batch", "review every study under a folder; write CSV/JSON/HTML reports"),
         ("selftest", "engine.selftest", "check decoders, models (hashes), devices; analyse the demo"),
         ("train", "engine.train", "train a model on real data (xray|ct)"),
-        ("evaluate", "engine.evaluate", "evaluate a model and write its model card"),
+        ("evaluate", "engine.evaluate", "evaluate a model and write its model card; with --labels FILE.csv, "
+                                        "validate the shipped model on your own labelled images"),
+        ("train-xray-lung", "engine.train_xray_lung", "train the lung-input X-ray classifier (v2)"),
+        ("evaluate-xray-lung", "engine.evaluate_xray_lung", "evaluate the v2 X-ray classifier and severity "
+                                                            "scorer; write their cards"),
         ("compare", "engine.compare", "train and compare the papers' model zoo on one split"),
         ("convert-xrv", "engine.models.convert_xrv", "convert torchxrayvision weights to safetensors"),
     ]:
@@ -101,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    from engine.logscrub import install as scrub_logs
+
+    scrub_logs()  # no patient identifiers in stderr or logs from any subcommand (DESIGN.md 5)
     if argv and argv[0] in DELEGATED:
         # These subcommands parse their own arguments (options included) in their module.
         import importlib

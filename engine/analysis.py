@@ -25,7 +25,7 @@ import numpy as np
 
 from engine.dicom.records import SeriesRecord
 from engine.errors import AnalysisCancelled, LoadError, ModelError
-from engine.results import CTSliceScore, Finding, Heatmap, StudyResult, Validity
+from engine.results import CTSliceScore, Finding, Heatmap, Severity, StudyResult, Validity
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,9 @@ class _XrayItem:
     geom: Any                        # CropGeometry
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    lung_mask: Any = None            # bool (rows, cols) from the lung segmentation (anatomy gate), or None
+    lungs: Any = None                # engine.preprocess.xray_lungs.XrayLungs, or None
+    lung_input: Any = None           # engine.preprocess.xray_lung_input.LungInput for lung-input models (v2)
 
 
 class Analyzer:
@@ -191,8 +194,9 @@ class Analyzer:
     # ------------------------------------------------------------------ X-ray
     def _xray_prepare(self, series: SeriesRecord, instance_index: int,
                       progress: ProgressFn | None) -> _XrayItem | StudyResult:
-        from engine.dicom.pixels import display_gray01, load_frame
+        from engine.dicom.pixels import display_gray01
         from engine.preprocess.xray import prepare_xray
+        from engine.safe_decode import bounded_load_frame as load_frame  # sandboxed (DESIGN.md 5)
         from engine.validity import GateBuilder, header_checks, pixel_checks_2d
 
         if not series.instances:
@@ -218,10 +222,51 @@ class Analyzer:
         modality = frame.modality or series.modality
         header_checks(gate, "xray", modality, series.body_part, series.view_position)
         pixel_checks_2d(gate, gray)
-        tensor, geom = prepare_xray(np.ascontiguousarray(gray, dtype=np.float32), size=self._xray_input_size())
+        lungs = self._xray_anatomy(gate, gray, frame, series.instances[idx].path)
+        lung_mask = None if lungs is None else lungs.mask
+        li = None
+        if self._xray_lung_input_model():
+            # v2: the model sees the segmented lungs only (engine.preprocess.xray_lung_input); without
+            # two lungs there is no input, and the gate has already said why
+            tensor, geom = None, None
+            if lungs is not None and lung_mask.any():
+                from engine.preprocess.xray_lung_input import lung_input
+
+                li = lung_input(np.ascontiguousarray(gray, dtype=np.float32), lung_mask, lungs.zones,
+                                side=self._xray_input_size())
+                tensor, geom = li.tensor, li.geom
+            elif lungs is None:
+                gate.check("lung_model", False, "The lung segmentation model is missing, and the X-ray model reads "
+                                                "the segmented lungs only: reinstall ChestView.")
+        else:
+            tensor, geom = prepare_xray(np.ascontiguousarray(gray, dtype=np.float32), size=self._xray_input_size())
         del gray, frame
         timings["preprocess"] = (time.perf_counter() - t) * 1000.0
-        return _XrayItem(series, gate, tensor, geom, timings, warnings)
+        return _XrayItem(series, gate, tensor, geom, timings, warnings, lung_mask, lungs, li)
+
+    def _xray_anatomy(self, gate, gray: np.ndarray, frame, path: str):
+        """Lung segmentation + anatomy gate (engine.validity.anatomy_checks): two plausible lungs, frontal,
+        adult human. Returns the XrayLungs (mask for lung-restricted heatmaps, zones for severity and the
+        lung-only model input); None without the lung model."""
+        from engine.preprocess.xray_lungs import load_lungseg, segment_lungs_xray
+        from engine.validity import anatomy_checks, read_anatomy_header
+
+        try:
+            seg = load_lungseg()
+        except ModelError as e:
+            gate.note(f"No anatomy check: {e}")
+            return None
+        with self._lock:
+            lungs = segment_lungs_xray(gray, seg)
+        anatomy_checks(gate, lungs, gray, read_anatomy_header(path, frame.pixel_spacing))
+        return lungs
+
+    def _xray_lung_input_model(self) -> bool:
+        """True when the X-ray model's card says it reads lung-only inputs (engine.preprocess.xray_lung_input)."""
+        from engine.models.registry import XRAY_MODEL
+
+        card = self.model(XRAY_MODEL).card or {}
+        return str((card.get("preprocessing") or {}).get("function", "")).startswith("engine.preprocess.xray_lung_input")
 
     def _xray_input_size(self) -> int:
         """The X-ray model's input side from its card (224 = torchxrayvision's; CPU-trained cards may differ)."""
@@ -247,37 +292,83 @@ class Analyzer:
             t_load = (time.perf_counter() - t) * 1000.0
             _report(progress, 0.3, "running the X-ray model")
             t = time.perf_counter()
-            x = torch.stack([it.tensor for it in items])
-            fmap = self._features(lm, x)
-            with torch.no_grad():
-                out = lm.module.head(fmap)
-                path_logits = out["pathologies"].float().cpu()
-                covid_logits = out["covid"].float().cpu()
-                feats = pooled_features(fmap)
+            # items without a model input (no lungs found for a lung-input model) get the gate's verdict only
+            run = [k for k, it in enumerate(items) if it.tensor is not None]
+            pos_of = {k: j for j, k in enumerate(run)}
+            fmap = path_logits = covid_logits = scores = None
+            if run:
+                x = torch.stack([items[k].tensor for k in run])
+                fmap = self._features(lm, x)
+                with torch.no_grad():
+                    out = lm.module.head(fmap)
+                    path_logits = out["pathologies"].float().cpu()
+                    covid_logits = out["covid"].float().cpu()
+                    feats = pooled_features(fmap)
             t_inf = (time.perf_counter() - t) * 1000.0 / len(items)
             t = time.perf_counter()
-            scores = ood_score(feats, lm.ood) if has_ood(lm.ood) else None
+            if run and has_ood(lm.ood):
+                scores = ood_score(feats, lm.ood)
             t_ood = (time.perf_counter() - t) * 1000.0 / len(items)
+            sev_model = self._zone_severity_model(lm.card)
             results = []
             for i, it in enumerate(items):
                 _check(cancel)
+                j = pos_of.get(i)
                 thr = (lm.card.get("ood") or {}).get("threshold")
-                ood_check(it.gate, None if scores is None else float(scores[i]),
-                          None if thr is None else float(thr), lm.trained)
+                if j is not None:
+                    ood_check(it.gate, None if scores is None else float(scores[j]),
+                              None if thr is None else float(thr), lm.trained)
                 validity = it.gate.build()
                 res = StudyResult(study_uid=it.series.study_uid, series_uid=it.series.series_uid,
                                   modality=it.series.modality, kind="xray", validity=validity,
                                   models=[lm.info], device=self.cfg.name, warnings=list(it.warnings))
                 res.timings_ms.update(it.timings)
                 res.timings_ms.update({"model_load": t_load, "inference": t_inf, "ood": t_ood})
-                self._xray_findings(res, lm, path_logits[i], covid_logits[i])
+                if j is None:
+                    results.append(res)
+                    continue
+                self._xray_findings(res, lm, path_logits[j], covid_logits[j])
+                if sev_model is not None and it.lung_input is not None and it.lung_input.zones is not None:
+                    res.severity = self._zone_severity(fmap[j], it, sev_model)
                 if want_heatmaps and lm.trained and validity.passed:
                     _report(progress, 0.7, "computing heatmaps")
                     t = time.perf_counter()
-                    res.heatmaps = self._xray_heatmaps(lm, fmap[i:i + 1], it.geom, res)
+                    res.heatmaps = self._xray_heatmaps(lm, fmap[j:j + 1], it.geom, res, it.lung_mask)
                     res.timings_ms["gradcam"] = (time.perf_counter() - t) * 1000.0
                 results.append(res)
             return results
+
+    @staticmethod
+    def _zone_severity_model(card: dict[str, Any]):
+        """The zone severity scorer (engine.severity_zones) when the X-ray card enables it, else None."""
+        sev = card.get("severity")
+        if not isinstance(sev, dict) or not sev.get("enabled") or not str(sev.get("model", "")).startswith("xray-severity"):
+            return None
+        from engine.severity_zones import load_severity_model
+
+        return load_severity_model()
+
+    @staticmethod
+    def _zone_severity(fmap1, it: _XrayItem, sev_model) -> Severity:
+        """Six zone scores + Cohen extent/opacity from one image's feature map, with where each zone lies."""
+        import torch
+
+        from engine.severity_zones import ZONE_NAMES, zone_severity
+
+        model, card = sev_model
+        fm = torch.relu(fmap1.float()).cpu().numpy()
+        s = zone_severity(fm, it.lung_input.zones, it.lung_input.norm01, model, str(card.get("name")),
+                          str(card.get("version")))
+        lungs = it.lungs
+        for name in ZONE_NAMES:
+            if lungs is None or name not in lungs.zone_rows:
+                continue
+            side = lungs.right if name in "ABC" else lungs.left
+            if side.bbox is None:
+                continue
+            r0, r1 = lungs.zone_rows[name]
+            s.zone_boxes[name] = (int(r0), int(side.bbox[1]), int(r1), int(side.bbox[3]))
+        return s
 
     @staticmethod
     def _reported_labels(card: dict[str, Any], labels: list[str], res: StudyResult) -> dict[str, float]:
@@ -320,12 +411,14 @@ class Analyzer:
         """Severity needs a trained 'Lung Opacity' output: card ``severity`` flag, else a Lung Opacity threshold."""
         if "severity" in card:
             sev = card["severity"]
+            if isinstance(sev, dict) and str(sev.get("model", "")).startswith("xray-severity"):
+                return False  # the zone scorer (engine.severity_zones) replaces the Cohen formula
             return bool(sev.get("enabled", True) if isinstance(sev, dict) else sev)
         names = (card.get("labels") or {}).get("pathologies") or []
         return "Lung Opacity" in (card.get("thresholds") or {}) and "Lung Opacity" in names
 
-    def _xray_heatmaps(self, lm, fmap1, geom, res: StudyResult) -> list[Heatmap]:
-        from engine.explain.gradcam import cams_from_fmap, upsample, xray_heatmap
+    def _xray_heatmaps(self, lm, fmap1, geom, res: StudyResult, lung_mask: np.ndarray | None = None) -> list[Heatmap]:
+        from engine.explain.gradcam import cams_from_fmap, restrict_to_lungs, upsample, xray_heatmap
         from engine.severity import geographic_extent_linear
 
         labels = lm.card.get("labels") or {}
@@ -340,7 +433,7 @@ class Analyzer:
             elif f.label in covid_names:
                 j = covid_names.index(f.label)
                 targets.append((f.label, lambda o, j=j: o["covid"][:, j]))
-        if res.severity is not None:
+        if res.severity is not None and res.severity.method == "cohen-logit":
             from engine.models.densenet_xray import LUNG_OPACITY_INDEX
 
             # unclamped linear extent: the clamp would zero the gradient (DESIGN.md section 4)
@@ -349,15 +442,27 @@ class Analyzer:
             return []
         cams = cams_from_fmap(lm.module.head, fmap1, [fn for _, fn in targets])
         out = []
+        from engine.preprocess.xray_lung_input import LungCropGeometry
+        from engine.preprocess.xray_lung_input import heatmap_to_image as lung_heatmap_to_image
+
         for (name, _), cam in zip(targets, cams):
-            hw = upsample(cam, (geom.size, geom.size))[0]
-            out.append(Heatmap(name, xray_heatmap(hw, geom), lm.info.name, lm.info.version))
+            if isinstance(geom, LungCropGeometry):  # lung-input model: undo the lung crop
+                hw = upsample(cam, (geom.raw_side, geom.raw_side))[0]
+                arr = np.clip(lung_heatmap_to_image(hw, geom), 0.0, 1.0).astype(np.float32)
+            else:
+                hw = upsample(cam, (geom.size, geom.size))[0]
+                arr = xray_heatmap(hw, geom)
+            arr = restrict_to_lungs(arr, lung_mask)
+            # shown only on request unless its finding is positive and the gate passed
+            shown = res.validity.passed and (name == "severity" or any(f.label == name and f.positive
+                                                                       for f in res.findings))
+            out.append(Heatmap(name, arr, lm.info.name, lm.info.version, hidden_by_default=not shown))
         return out
 
     # ------------------------------------------------------------------ CT
     def _ct(self, series: SeriesRecord, want_heatmaps: bool, progress: ProgressFn | None,
             cancel: CancelFn | None) -> StudyResult:
-        from engine.dicom.volume import load_volume
+        from engine.safe_decode import bounded_load_volume as load_volume  # sandboxed (DESIGN.md 5)
 
         t = time.perf_counter()
         _report(progress, 0.02, "reading the CT series")
@@ -388,6 +493,8 @@ class Analyzer:
         header_checks(gate, "ct", series.modality, series.body_part)
         hu = vol.hu
         volume_checks(gate, hu, tuple(vol.direction) if getattr(vol, "direction", None) is not None else None)
+        from engine.validity import ct_series_checks   # scouts, radiographs as CT, slice count, phantom
+        ct_facts = ct_series_checks(gate, vol, series)
         t = time.perf_counter()
         _report(progress, 0.15, "finding the lungs")
         spacing = tuple(float(s) for s in vol.spacing)
@@ -399,6 +506,11 @@ class Analyzer:
         gate.check("lungs_found", frac.size > 0 and float(frac.max()) >= CT_MIN_LUNG_FRACTION,
                    "No lungs found in this CT (no large air-filled region inside the body): is it a chest CT "
                    "in a lung-compatible reconstruction?")
+        if ct_facts.quantify and gate.passed:
+            _report(progress, 0.18, "quantifying the lungs in HU")
+            res.ct_quant = self._ct_quantify(vol, roi, ct_facts.is_phantom, res, cancel)
+            if res.ct_quant is not None:
+                timings["ct_quant"] = res.ct_quant.timings_ms.get("quantification", 0.0)
         chosen = choose_slices(roi, max_slices=self.ct_max_slices)
         n_candidates = int((roi.area_px >= 0.3 * roi.area_px.max()).sum()) if roi.area_px.size and roi.area_px.max() > 0 else 0
         if n_candidates > len(chosen):
@@ -421,7 +533,7 @@ class Analyzer:
                 _report(progress, 0.25 + 0.55 * b / max(1, len(chosen)), f"scoring slices {b + 1}-"
                         f"{min(b + self.ct_batch, len(chosen))} of {len(chosen)}")
                 batch_idx = chosen[b:b + self.ct_batch]
-                x = torch.stack([self._ct_input(hu[i], roi.boxes[i], size)[0] for i in batch_idx])
+                x = torch.stack([self._ct_input(hu[i], roi, i, size)[0] for i in batch_idx])
                 fmap = self._features(lm, x)
                 with torch.no_grad():
                     logits = lm.module.head(fmap).float()
@@ -448,8 +560,8 @@ class Analyzer:
                 thr_map = self._reported_labels(lm.card, [classes[pos]], res)
                 if classes[pos] in thr_map:
                     thr = thr_map[classes[pos]]
-                    res.findings.append(Finding(classes[pos], study_p, thr, bool(res.validity.passed and study_p >= thr),
-                                                lm.info.name, lm.info.version))
+                    # positive is decided by the study verdict below (engine.ct_verdict), not by the score alone
+                    res.findings.append(Finding(classes[pos], study_p, thr, False, lm.info.name, lm.info.version))
                 if want_heatmaps and res.validity.passed:
                     _check(cancel)
                     _report(progress, 0.85, "computing heatmaps")
@@ -457,27 +569,66 @@ class Analyzer:
                     top = [chosen[j] for j in np.argsort(probs)[::-1][:CT_HEATMAP_SLICES]]
                     res.heatmaps = self._ct_heatmaps(lm, hu, roi, top, size, pos, classes[pos])
                     timings["gradcam"] = (time.perf_counter() - t) * 1000.0
+        # ---- CT study verdict call site: classifier + HU burden (engine.ct_verdict). Keep it after
+        # the HU quantification so that res.ct_quant is set when the verdict reads it.
+        self._apply_ct_verdict(res, lm, classes[pos], int(hu.shape[0]))
         res.timings_ms.update(timings)
         return res
 
     @staticmethod
-    def _ct_input(hu_slice: np.ndarray, box, size: int):
-        """One axial slice -> (model tensor (3, S, S), lung crop box (y0, y1, x0, x1) in slice pixels)."""
-        from engine.preprocess.ct import ct_model_input, hu_to_gray01
-        from engine.preprocess.lung_roi import margin_box
+    def _ct_quantify(vol, roi, is_phantom: bool, res: StudyResult, cancel: CancelFn | None):
+        """HU quantification per lung and zone (engine.ct_quant); a refusal becomes a warning."""
+        from engine.ct_quant import QuantificationRefused, quantify_ct
 
-        shape = hu_slice.shape
-        sq = margin_box(box, shape) if box is not None else (0, shape[0], 0, shape[1])
-        y0, y1, x0, x1 = sq
-        crop = hu_to_gray01(hu_slice[y0:y1, x0:x1])
-        return ct_model_input(crop, size), sq
+        direction = getattr(vol, "direction", None)
+        positions = getattr(vol, "positions", None)
+        try:
+            q = quantify_ct(vol.hu, tuple(float(s) for s in vol.spacing), roi,
+                            direction=tuple(direction) if direction is not None else None,
+                            positions=list(positions) if positions else None, is_phantom=is_phantom, cancel=cancel)
+        except QuantificationRefused as e:
+            res.warnings.append(f"No HU quantification: {e}")
+            return None
+        res.warnings.extend(w for w in q.warnings if w not in res.warnings)
+        return q
+
+    @staticmethod
+    def _apply_ct_verdict(res: StudyResult, lm, label: str, n_slices: int) -> None:
+        """Set ``res.ct_verdict`` and the COVID-19 finding's ``positive`` from engine.ct_verdict."""
+        from engine.ct_quant import MIN_QUANT_SLICES
+        from engine.ct_verdict import BASIS_SLICE_ONLY, ct_verdict
+
+        finding = next((f for f in res.findings if f.label == label), None)
+        verdict = ct_verdict(res.ct_study_probability, None if finding is None else finding.threshold,
+                             getattr(res, "ct_quant", None), is_volume=n_slices >= MIN_QUANT_SLICES,
+                             gate_passed=res.validity.passed, trained=lm.trained)
+        res.ct_verdict = verdict
+        if finding is not None:
+            finding.positive = verdict.flag
+            if verdict.basis == BASIS_SLICE_ONLY:
+                res.warnings.append(f"{label}: {BASIS_SLICE_ONLY}. " + " ".join(verdict.reasons))
+            elif not verdict.flag and verdict.reasons:
+                res.warnings.append(f"{label} not flagged: " + " ".join(verdict.reasons))
+
+    @staticmethod
+    def _ct_input(hu_slice: np.ndarray, roi, index: int, size: int):
+        """One axial slice -> (model tensor (3, S, S), lung crop box (y0, y1, x0, x1) in slice pixels).
+
+        HU -> lung window -> this slice of the 3-D lung mask -> engine.preprocess.ct_input.prepare_ct_slice,
+        the function training ends in too (engine.datasets.encode_ct_slice + ct_batch_input).
+        """
+        from engine.preprocess.ct import hu_to_gray01
+        from engine.preprocess.ct_input import prepare_ct_slice, volume_slice_mask
+
+        mask = volume_slice_mask(roi.mask[index], roi.factor, hu_slice.shape) if roi.boxes[index] is not None else None
+        return prepare_ct_slice(hu_to_gray01(hu_slice), mask, size)
 
     def _ct_heatmaps(self, lm, hu, roi, slices: list[int], size: int, pos: int, label: str) -> list[Heatmap]:
         import torch
 
         from engine.explain.gradcam import cams_from_fmap, ct_heatmap, upsample
 
-        inputs = [self._ct_input(hu[i], roi.boxes[i], size) for i in slices]
+        inputs = [self._ct_input(hu[i], roi, i, size) for i in slices]
         fmap = self._features(lm, torch.stack([t for t, _ in inputs]))
         (cams,) = cams_from_fmap(lm.module.head, fmap, [lambda o: o[:, pos]])
         up = upsample(cams, (size, size))

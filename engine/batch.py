@@ -134,6 +134,22 @@ def check_paths(input_path: str | Path, out: str | Path) -> tuple[Path, Path]:
     return inp, outp
 
 
+def problem_entry(deid: Deidentifier, path: str, reason: Any) -> tuple[str, str]:
+    """(where, reason) of a problem line for stderr, results.json and report.html.
+
+    Relative paths still name folders, and folders are often named after patients, while a
+    file that failed to index has no known identifiers for ``deid.scrub`` to remove: under
+    --deidentify the file is named by a keyed hash (engine.logscrub.deid_path) instead, and
+    absolute paths inside reasons are hashed in every mode (DESIGN.md 5).
+    """
+    from engine.logscrub import deid_path, scrub_paths
+
+    where = str(path or "")
+    if deid.enabled and where and not where.startswith("series "):
+        where = deid_path(where, deid.pseudonym("chestview-problem-paths").encode())
+    return deid.scrub(where), deid.scrub(scrub_paths(str(reason)))
+
+
 def rel_path(path: str, root: Path) -> str:
     """Path relative to the input root for reports and logs (ZIP members keep their ``::member``)."""
     head, sep, member = str(path).partition("::")
@@ -308,7 +324,7 @@ def finalize(out: Path, plan: BatchPlan, journal: Journal, deid: Deidentifier, r
             models = collect_models(asdict(m) for m in list_model_infos())
         except Exception:
             models = []
-    problems = [{"path": deid.scrub(p["path"]), "reason": deid.scrub(p["reason"])} for p in plan.problems]
+    problems = [dict(zip(("path", "reason"), problem_entry(deid, p["path"], p["reason"]))) for p in plan.problems]
     run = dict(run, studies_planned=len(plan.studies), studies_in_report=len(recs))
     results = build_results(rows, problems, models, input_path=str(plan.input), files_seen=plan.files_seen,
                             deidentified=deid.enabled, run=run)
@@ -394,7 +410,7 @@ def plan_and_report(inp: Path, opts: BatchOptions, summary: BatchSummary, *, can
     summary.studies_total, summary.problem_files = len(plan.studies), len(plan.problems)
     for p in plan.problems:
         if on_problem:
-            on_problem(deid.scrub(p["path"]), deid.scrub(p["reason"]))
+            on_problem(*problem_entry(deid, p["path"], p["reason"]))
     return plan, deid
 
 
@@ -474,7 +490,7 @@ def run_batch(opts: BatchOptions, *, progress: Callable[[int, int, float, float]
                         summary.series_failed += 1
                         if on_problem:
                             where = rel_path(se.instances[0].path, input_root(inp)) if se.instances else f"series {se.series_uid}"
-                            on_problem(deid.scrub(where), deid.scrub(err))
+                            on_problem(*problem_entry(deid, where, err))
                     current.setdefault(t.key, []).append(oc)
                     if len(current[t.key]) == len(t.series):
                         rec = study_record(t, current.pop(t.key), out, deid)

@@ -1,8 +1,8 @@
 """Training/evaluation datasets built from ../shared/data CSVs (never copied into the repo).
 
 Images are decoded and passed through exactly the inference preprocessing once
-(``engine.preprocess.xray.prepare_xray`` on jpeg/255; ``crop_lungs`` + ``ct_model_input`` for CT
-slices) and cached as float16 tensors in a git-ignored cache folder, so every epoch on a 2-core
+(``engine.preprocess.xray.prepare_xray`` on jpeg/255; for CT slices the lung mask and crop of
+``engine.preprocess.ct_input``, kept before its final normalisation so training can re-render it) and cached as float16 tensors in a git-ignored cache folder, so every epoch on a 2-core
 CPU costs only the network. Splits are the patient-level ones given in the CSVs.
 """
 from __future__ import annotations
@@ -93,7 +93,7 @@ def _cache_file(kind: str, csv_path: Path, size: int, cache_dir: Path | None) ->
 
 
 def _build(kind: str, csv_path: Path, rows: list[dict[str, str]], size: int, encode, cache_dir: Path | None,
-           progress: bool) -> ImageSet:
+           progress: bool, channels: int = 1) -> ImageSet:
     import torch
 
     from safetensors.torch import load_file, save_file
@@ -107,7 +107,7 @@ def _build(kind: str, csv_path: Path, rows: list[dict[str, str]], size: int, enc
                 return ImageSet(kind, load_file(str(cf))["x"], rows, size, meta.get("info", {}))
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache is rebuilt
-    x = torch.empty((len(rows), 1, size, size), dtype=torch.float16)
+    x = torch.empty((len(rows), channels, size, size), dtype=torch.float16)
     info: dict = {"fallback_crops": 0}
     for i, r in enumerate(rows):
         t, extra = encode(csv_path.parent / r["path"])
@@ -134,14 +134,27 @@ def encode_xray(path: Path, size: int = 224):
 
 
 def encode_ct_slice(path: Path, size: int = 224):
-    """PNG/255 -> 2-D lung crop -> ct_model_input -> channel 0 (1, size, size) in [-1, 1]."""
-    from engine.preprocess.ct import ct_model_input
-    from engine.preprocess.ct_slices import crop_lungs
+    """PNG/255 -> 2-D figure lung mask -> ``lung_crop`` -> (2, size, size) [grey in [0,1], lung mask].
+
+    The cache keeps the crop *before* ``normalise_lung`` so training can re-render it
+    (engine.preprocess.ct_input.augment_ct_batch); ``ct_batch_input`` finishes it exactly as
+    ``prepare_ct_slice`` does in the app.
+    """
+    import torch
+
+    from engine.preprocess.ct_input import figure_lung_mask, lung_crop
 
     g = load_gray01(path)
-    crop, box = crop_lungs(g)
-    fallback = box == (0, 0, g.shape[0], g.shape[1])
-    return ct_model_input(crop, size)[:1], fallback
+    mask = figure_lung_mask(g)
+    gs, ms, _ = lung_crop(g, mask, size)
+    return torch.stack([gs, ms]), mask is None
+
+
+def ct_batch_input(x):
+    """Cached (N, 2, S, S) [grey, mask] -> model input (N, 3, S, S) without augmentation."""
+    from engine.preprocess.ct_input import normalise_lung
+
+    return normalise_lung(x[:, 0].float(), x[:, 1].float())
 
 
 def load_xray_set(data: str | Path, size: int = 224, cache_dir: Path | None = None,
@@ -169,7 +182,8 @@ def load_ct_set(data: str | Path, size: int = 224, cache_dir: Path | None = None
     for r in rows:
         r.setdefault("source", "covidct-" + ("paper" if r["label"] == "covid" else
                                              ("medpix" if "medpix" in r["patient_id"] else "crawled")))
-    return _build("ct", csv_path, rows, size, lambda p: encode_ct_slice(p, size), cache_dir, progress)
+    return _build("ct-lung", csv_path, rows, size, lambda p: encode_ct_slice(p, size), cache_dir, progress,
+                  channels=2)
 
 
 def xray_targets(rows: list[dict[str, str]]):

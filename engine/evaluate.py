@@ -77,6 +77,8 @@ def load_for_eval(target: str | Path):
         if not w.is_file():
             raise FileNotFoundError(f"{w} missing: the run has not finished an epoch yet")
         model = build_model(run["kind"], run.get("variant", "googlenet"))
+        if run["kind"] == "ct" and run.get("size"):
+            model.input_size = int(run["size"])   # the CT cache and the app use the training size
         state = load_file(str(w))
         model.load_state_dict({k: v.float() for k, v in state.items() if not k.startswith("ood.")})
         return model.eval(), {"kind": run["kind"], "run": run, "run_dir": str(p), "source_file": str(w)}
@@ -105,7 +107,11 @@ def forward_all(model, x, kind: str, batch: int = 32, bf16: bool = False, progre
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for i in range(0, len(x), batch):
             xb = x[i:i + batch].float()
-            if kind == "ct" and xb.shape[1] == 1:
+            if kind == "ct" and xb.shape[1] == 2:   # cached [grey, lung mask] (engine.datasets.encode_ct_slice)
+                from engine.datasets import ct_batch_input
+
+                xb = ct_batch_input(xb)
+            elif kind == "ct" and xb.shape[1] == 1:
                 xb = xb.expand(-1, 3, -1, -1)
             fmap = model.feature_map(xb)
             out = model.head(fmap)
@@ -705,16 +711,69 @@ def _ct_source(r: dict) -> str:
     return "medpix" if "medpix" in r["patient_id"] else "crawled"
 
 
+CT_SELECTION_RULE = ("declared before training: the epoch with the highest validation slice AUC (earliest on ties; "
+                     "engine.train.ct_task); operating threshold = Youden J on the validation slices")
+
+
+def _ct_probe_input(gray01: np.ndarray, size: int):
+    """A non-CT image through the CT preprocessing exactly as the app would (OOD probes)."""
+    from engine.preprocess.ct_input import figure_lung_mask, prepare_ct_slice
+
+    return prepare_ct_slice(gray01, figure_lung_mask(gray01), size)[0]
+
+
+def _update_card_json(card_path: Path, **fields: Any) -> None:
+    """Add keys to a written card (weights and their sha256 untouched), atomically."""
+    card = json.loads(Path(card_path).read_text(encoding="utf-8"))
+    card.update(M.jsonable(fields))
+    tmp = Path(card_path).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(card, indent=2), encoding="utf-8")
+    tmp.replace(card_path)
+    Path(card_path).chmod(0o644)
+
+
+def _ct_specificity(data: Path, out_dir: Path, version: str) -> dict:
+    """engine.ct_checks.specificity_check with the card just written (loaded through the registry)."""
+    import os
+
+    from engine.ct_checks import specificity_check
+    from engine.models import registry
+
+    dicom = data / "dicom" if (data / "dicom").is_dir() else data.parent / "dicom"
+    if not dicom.is_dir():
+        return {"error": f"{dicom} not found: specificity check not run"}
+    old = os.environ.get("CHESTVIEW_MODELS")
+    os.environ["CHESTVIEW_MODELS"] = str(out_dir)
+    try:
+        registry.clear_cache()
+        lm = registry.load_model(CT_NAME)
+        if lm.info.version != version:
+            return {"error": f"the registry loads {CT_NAME} {lm.info.version}, not {version}: check not run"}
+        res = specificity_check(dicom)
+        res["model"] = {"name": lm.info.name, "version": lm.info.version, "sha256": lm.info.sha256}
+        return res
+    finally:
+        if old is None:
+            os.environ.pop("CHESTVIEW_MODELS", None)
+        else:
+            os.environ["CHESTVIEW_MODELS"] = old
+        registry.clear_cache()
+
+
 def evaluate_ct(model, info: dict, data: Path, write_card: bool, out_dir: Path, version: str,
                 ood_quantile: float, top_k: int = 3) -> dict:
     import torch
 
+    from engine.ct_checks import brightness_shortcut, crop_brightness
+    from engine.ct_verdict import MIN_OPACITY_PERCENT
     from engine.datasets import load_ct_set, xray_dir
     from engine.models.inception_ct import CT_CLASSES
     from engine.models.ood import fit_ood
+    from engine.preprocess.ct_input import NORM_PERCENTILES, PREPROCESSING_ID
     from engine.splits import check_no_patient_leak
 
-    ds = load_ct_set(data, size=getattr(model, "input_size", 224))
+    size = int(getattr(model, "input_size", 224))
+    ds = load_ct_set(data, size=size)
     check_no_patient_leak(ds.rows)
     tr, va = ds.indices("train"), ds.indices("val")
     lv, fv = forward_all(model, ds.x[va], "ct", progress=_progress("val"))
@@ -733,12 +792,18 @@ def evaluate_ct(model, info: dict, data: Path, write_card: bool, out_dir: Path, 
     pats = sorted(set(groups))
     pp = np.array([np.mean(sorted(p[groups == g], reverse=True)[:top_k]) for g in pats])
     py = np.array([y[groups == g][0] for g in pats])
-    metrics = {"split_note": "The CT folder has no test split (the official test split is held back by the project): "
+    metrics = {"label": "VALIDATION split, used for model selection and the threshold: optimistic",
+               "split_note": "The CT folder has no test split (the official test split is held back by the project): "
                              "epoch and threshold were chosen on val and the numbers below are on that same val split, "
                              "so they are optimistic.",
+               "selection_rule": CT_SELECTION_RULE,
                "threshold_rule": "Youden J on the validation slices",
                "val": {"slice": slice_block,
                        "patient_top3_mean": report_block(py, pp, thr, np.array(pats))}}
+    # brightness shortcut: the crop's mean grey level alone, and how much the score follows it
+    metrics["brightness_shortcut"] = {"val": brightness_shortcut(y, p, crop_brightness(ds.x[va]), groups, N_BOOT),
+                                      "brightness": "mean grey level of the lung-window lung crop before "
+                                                    "normalisation (engine.ct_checks.crop_brightness)"}
     # shortcut probe: can the features tell the non-COVID sources (MedPix PNG vs crawled JPEG) apart?
     rows_tr = [ds.rows[i] for i in tr]
     ytr = np.array([r["label"] == "covid" for r in rows_tr], dtype=int)
@@ -752,11 +817,10 @@ def evaluate_ct(model, info: dict, data: Path, write_card: bool, out_dir: Path, 
     xd = xray_dir(data)
     if (xd / "labels.csv").is_file():
         from engine.datasets import load_gray01, read_csv_rows
-        from engine.preprocess.ct import ct_model_input
 
         xr = read_csv_rows(xd / "labels.csv")
         pick = np.random.RandomState(0).choice(len(xr), 60, replace=False)
-        probes["xrays_as_ct_slices"] = torch.stack([ct_model_input(load_gray01(xd / xr[i]["path"]), 224)
+        probes["xrays_as_ct_slices"] = torch.stack([_ct_probe_input(load_gray01(xd / xr[i]["path"]), size)
                                                     for i in pick])
     ood = {"method": "Mahalanobis distance of pooled GoogLeNet features in a 32-component PCA basis "
                      "(engine.models.ood); the app uses the median over the scored slices",
@@ -772,36 +836,72 @@ def evaluate_ct(model, info: dict, data: Path, write_card: bool, out_dir: Path, 
 
         run = info.get("run") or {}
         card = dict(
-            preprocessing={"text": "training: 8-bit lung-window PNG slice /255 -> 2-D lung crop "
-                                   "(engine.preprocess.ct_slices.crop_lungs) -> ct_model_input(crop, 224); inference: "
-                                   "HU -> hu_to_gray01 (lung window -600/1500) -> 3-D lung ROI crop -> ct_model_input",
-                           "input_size": getattr(model, "input_size", 224), "channels": 3, "range": [-1, 1],
-                           "lung_window": [-600, 1500]},
+            preprocessing={"id": PREPROCESSING_ID,
+                           "function": "engine.preprocess.ct_input.prepare_ct_slice (training: "
+                                       "engine.datasets.encode_ct_slice + ct_batch_input; app: "
+                                       "engine.analysis.Analyzer._ct_input)",
+                           "text": "lung-window grey [0,1] (DICOM: HU -> window -600/1500; COVID-CT figures: PNG/255, "
+                                   "already windowed) -> lung mask (DICOM: the slice of the 3-D lung ROI; figures: "
+                                   "2-D threshold + components, engine.preprocess.ct_input.figure_lung_mask), closed "
+                                   "and hole-filled the same way -> crop to the mask box + 6% margin -> resize -> "
+                                   f"per-lung percentile normalisation ({NORM_PERCENTILES[0]:g}th..{NORM_PERCENTILES[1]:g}th "
+                                   "percentile of the lung pixels -> [0,1]) -> outside the lungs set to the minimum "
+                                   "-> x*2-1, grey replicated in 3 channels",
+                           "training_augmentation": "affine (rotation +-10 deg, zoom 0.9-1.1, shift 6%, horizontal "
+                                                    "flip) on grey and mask together; re-rendering of the crop before "
+                                                    "normalisation: random window centre/width, gamma 0.6-1.6, "
+                                                    "resolution 35-90% down and up, Gaussian blur, noise, 8-bit "
+                                                    "quantisation or JPEG quality 25-95 (engine.preprocess.ct_input)",
+                           "input_size": size, "channels": 3, "range": [-1, 1], "lung_window": [-600, 1500]},
             thresholds={"COVID-19": thr},
             aggregation={"method": "mean of top-k slice probabilities", "k": top_k},
+            study_verdict={"module": "engine.ct_verdict", "min_opacity_percent": MIN_OPACITY_PERCENT,
+                           "rule": "COVID-19 flag only when the study probability >= threshold AND ground glass + "
+                                   "consolidation (engine.ct_quant total_opacity_percent) >= min_opacity_percent of "
+                                   "the lung volume; never on a single slice or without a measured lung volume "
+                                   "(single slices: 'slice classifier only, no volume')",
+                           "threshold_justification": "1% of lung volume = one lobe (about a fifth of the lungs) at "
+                                                      "the CT-severity-score 1/2 boundary of 5% involvement (Pan et al. "
+                                                      "Radiology 2020; Chung et al. Radiology 2020); fixed before the "
+                                                      "specificity check, not tuned on it"},
             metrics=metrics,
             training_data={"folder": "shared/data/ct (slices.csv)", "split": "official COVID-CT patient-level "
-                           "train/val; no test split available here", "counts": _counts(ds.rows, ("label", "split")),
-                           "mitigation": "2-D lung crop (removes captions/letters around the body), sqrt "
-                                         "source-balanced sampling over covid/medpix/crawled, gamma/contrast and "
-                                         "affine augmentation with horizontal flips",
-                           "compute": "GoogLeNet from random initialisation on a shared 2-core CPU under a fixed "
-                                      "wall-clock budget; best epoch by validation AUC",
+                           "train/val (the official test split is held back); training on train only, selection "
+                           "and threshold on val", "counts": _counts(ds.rows, ("label", "split")),
+                           "mitigation": "lung mask + per-lung intensity normalisation (removes overall brightness, "
+                                         "window and everything outside the lungs), rendering augmentation so figure "
+                                         "and DICOM renderings overlap, sqrt source-balanced sampling over "
+                                         "covid/medpix/crawled",
+                           "compute": "GoogLeNet initialised from ct-inception 1.0.0, fine-tuned on a shared 2-core "
+                                      "CPU (1 torch thread) under a fixed wall-clock budget",
+                           "selection_rule": CT_SELECTION_RULE,
                            **_training_summary(info)},
             data_licences=[CT_COPYRIGHT],
-            references=CT_REFERENCES, ood=ood, fp16_check=f16,
+            references=CT_REFERENCES + [
+                "Pan F, Ye T, Sun P, et al. Time course of lung changes at chest CT during recovery from coronavirus "
+                "disease 2019 (COVID-19). Radiology 2020;295:715-721 (CT severity score).",
+                "Chung M, Bernheim A, Mei X, et al. CT imaging features of 2019 novel coronavirus (2019-nCoV). "
+                "Radiology 2020;295:202-207."],
+            ood=ood, fp16_check=f16,
+            intended_use="research use only, not for diagnostic use",
             limitations=["Trained on 2-D slices cut from paper figures (no HU, varied windows), applied to HU "
-                         "volumes at inference: a domain shift the validation numbers do not measure.",
+                         "volumes at inference; the shared preprocessing narrows but does not remove this gap and "
+                         "the validation numbers do not measure it (see specificity_check).",
                          "COVID slices come from papers (PNG), non-COVID from MedPix/crawled pages: source shortcut risk.",
-                         "Validation-only numbers; the official test split is held back."],
+                         "Validation-only numbers (used for selection: optimistic); the official test split is held back.",
+                         "The study verdict needs the HU quantification of a volume: single slices are never flagged."],
             evaluated_by="python main.py evaluate (engine/evaluate.py)",
             source=f"trained by ChestView (engine/train.py), run {run.get('started', '?')}",
         )
-        result["card"] = str(_public(registry.write_card(
+        card_path = _public(registry.write_card(
             out_dir, name=CT_NAME, version=version, state_dict=dict(model.state_dict()), trained=True,
             labels={"classes": list(CT_CLASSES)}, architecture="CTInception",
-            arch_params={"variant": getattr(model, "variant", "googlenet")}, dtype=dtype, ood_tensors=tensors,
-            **M.jsonable(card))))
+            arch_params={"variant": getattr(model, "variant", "googlenet"), "input_size": size}, dtype=dtype,
+            ood_tensors=tensors, **M.jsonable(card)))
+        spec = _ct_specificity(data, out_dir, version)
+        _update_card_json(card_path, specificity_check=spec)
+        result["specificity_check"] = spec
+        result["card"] = str(card_path)
     return result
 
 
@@ -864,6 +964,11 @@ def _headline(res: dict) -> str:
 
 
 def cli_main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--labels" in argv or any(a.startswith("--labels=") for a in argv):
+        from engine.local_validation import cli_main as local_main  # a site's own labelled data
+
+        return local_main(argv)
     a = build_parser().parse_args(argv)
     t0 = time.time()
     res = evaluate(a.model, a.data, split=a.split, write_card=a.write_card, out_dir=a.out, version=a.version,

@@ -244,6 +244,32 @@ def phantom_truth(geom: PhantomGeometry = PhantomGeometry()) -> PhantomTruth:
         lesion_slices=tuple(lesion_slices))
 
 
+def zone_truth(geom: PhantomGeometry = PhantomGeometry()) -> dict[tuple[str, str], dict[str, float]]:
+    """Lung, GGO and consolidation mL per (side, zone), zones = thirds of each lung's extent over
+    the slices that contain it (as engine.ct_quant defines them); sides "right"/"left"."""
+    vox_ml = geom.pixel_mm * geom.pixel_mm * geom.slice_mm / 1000.0
+    per = {s: [] for s in ("right", "left")}
+    for k in range(geom.n_slices):
+        lab, right, left = _label_and_lungs(k, geom)
+        for name, m in (("right", right), ("left", left)):
+            if m.any():
+                per[name].append((geom.z_of(k), int(m.sum()), int((m & (lab == L_GGO)).sum()),
+                                  int((m & (lab == L_CONS)).sum())))
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    for side, rows in per.items():
+        lo, hi = rows[0][0], rows[-1][0]
+        for zone in ("upper", "middle", "lower"):
+            out[(side, zone)] = {"lung_ml": 0.0, "ggo_ml": 0.0, "consolidation_ml": 0.0}
+        for z, n, g, c in rows:
+            h = (z - lo) / max(hi - lo, 1e-6)
+            zone = "upper" if h > 2.0 / 3.0 else ("middle" if h > 1.0 / 3.0 else "lower")
+            d = out[(side, zone)]
+            d["lung_ml"] += n * vox_ml
+            d["ggo_ml"] += g * vox_ml
+            d["consolidation_ml"] += c * vox_ml
+    return out
+
+
 # ----------------------------------------------------------------------------------------
 # DICOM series writer
 # ----------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from engine.batch import (BatchOptions, BatchSummary, check_paths, finalize, input_root, open_output, plan_and_report,
+                          problem_entry,
                           rel_path, series_outcome, study_record)
 from engine.dicom.records import IndexResult, PatientRecord, SeriesRecord, StudyRecord
 from engine.errors import LoadError
@@ -258,7 +259,7 @@ def run_batch_ray(opts: BatchOptions, *, address: str | None = None, num_cpus: i
                     if on_problem:
                         se = oc.series
                         where = rel_path(se.instances[0].path, input_root(inp)) if se.instances else f"series {se.series_uid}"
-                        on_problem(deid.scrub(where), deid.scrub(oc.error))
+                        on_problem(*problem_entry(deid, where, oc.error))
                 current.setdefault(key, {})[order] = oc
                 if len(current[key]) == len(t.series):
                     got = current.pop(key)

@@ -33,6 +33,7 @@ The rows are a stable contract (the Ray engine must reproduce them). ``results.j
     top_label         str; positive_labels [str]
     probabilities     {label: float (6 decimals)};  thresholds {label: float}
     severity_extent (0-8), severity_opacity (0-6), ct_study_probability, lung_volume_ml: float | null
+    ct_quant          CT HU quantification (engine.results.CTQuantification.to_dict) | null
     models            ["<name> <version> (trained|untrained)"];  device  str (TIMING-like: run environment)
     error             str | null (why this series failed; also counted in failures_by_reason)
     warnings          [str]
@@ -60,7 +61,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from engine.journal import atomic_write_bytes, atomic_write_json, atomic_write_text
-from engine.results import RESEARCH_USE
+from engine.results import RESEARCH_USE, top_finding
 
 RESULTS_SCHEMA = "chestview-batch-results/1"
 TIMING_KEYS = ("run", "timings_ms", "device")   # what may differ between two runs of the same input
@@ -70,7 +71,7 @@ ROW_KEYS = (
     "body_part", "view_position", "n_images", "status", "valid", "validity_reasons", "ood_score",
     "score", "top_label", "positive_labels", "probabilities", "thresholds", "severity_extent",
     "severity_opacity", "ct_study_probability", "lung_volume_ml", "models", "device", "error",
-    "warnings", "thumbnail", "heatmap_target", "heatmap_slice", "intended_use", "timings_ms",
+    "warnings", "thumbnail", "heatmap_target", "heatmap_slice", "intended_use", "timings_ms", "ct_quant",
 )
 DEID_INPUT = "<de-identified>"
 _WORD = re.compile(r"[^\W_]+")   # a run of letters/digits (Unicode); '_', '^', '-' separate
@@ -230,9 +231,10 @@ def build_row(patient: Any, study: Any, series: Any, result: Any | None, *, erro
         score = _r6(result.ct_study_probability) if result.ct_study_probability is not None else \
             (_r6(top.probability) if top is not None else None)
         hm = pick_heatmap(result)
+        shown_top = top_finding(result)   # the panel's first finding: worklist and panel agree
         row.update(
             valid=bool(v.passed), validity_reasons=[deid.scrub(r) for r in v.reasons], ood_score=_r6(v.ood_score),
-            score=score, top_label=top.label if top is not None else "",
+            score=score, top_label=shown_top.label if shown_top is not None else "",
             positive_labels=sorted(f.label for f in result.findings if f.positive),
             probabilities=probs, thresholds={f.label: _r6(f.threshold) for f in result.findings},
             severity_extent=_r6(result.severity.geographic_extent) if result.severity else None,
@@ -243,6 +245,9 @@ def build_row(patient: Any, study: Any, series: Any, result: Any | None, *, erro
             heatmap_slice=hm.slice_index if hm is not None and thumbnail else None,
         )
         row["warnings"] = list(dict.fromkeys(row["warnings"] + [deid.scrub(w) for w in result.warnings]))
+        q = getattr(result, "ct_quant", None)
+        if q is not None:
+            row["ct_quant"] = _ct_quant_row(q)
         error = error or result.error
         timings.update({k: round(float(t), 1) for k, t in (result.timings_ms or {}).items()})
     row["error"] = deid.scrub(error) if error else None
@@ -256,6 +261,30 @@ def build_row(patient: Any, study: Any, series: Any, result: Any | None, *, erro
     else:
         row["status"] = "ok"
     return row
+
+
+def _ct_quant_row(q: Any) -> dict[str, Any]:
+    """The JSON form of a CTQuantification without the timings (they differ run to run)."""
+    d = q.to_dict()
+    d.pop("timings_ms", None)
+    return d
+
+
+def ct_quant_columns(row: dict[str, Any]) -> dict[str, Any]:
+    """Flat CSV columns of a row's CT quantification: totals, then per lung/zone involved %."""
+    q = row.get("ct_quant")
+    if not q:
+        return {}
+    out: dict[str, Any] = {"ct:severity_score_0_25": q["severity_score"],
+                           "ct:opacity_percent": q["total_opacity_percent"], "ct:ggo_ml": q["ggo_ml"],
+                           "ct:consolidation_ml": q["consolidation_ml"], "ct:lung_ml": q["lung_volume_ml"],
+                           "ct:emphysema_percent": q["total"]["emphysema_percent"]}
+    for z in q["lungs"] + q["zones"]:
+        key = f"{z['lung']} {z['zone']}"
+        out[f"ct:{key} ml"] = z["volume_ml"]
+        out[f"ct:{key} ggo%"] = z["ggo_percent"]
+        out[f"ct:{key} consolidation%"] = z["consolidation_percent"]
+    return out
 
 
 def is_unsupported(series: Any, result: Any | None, error: str | None = None) -> bool:
@@ -384,9 +413,11 @@ def to_csv(results: dict[str, Any]) -> str:
     rows = results["rows"]
     labels = sorted({lab for r in rows for lab in r["probabilities"]})
     tkeys = sorted({k for r in rows for k in r["timings_ms"]})
+    ct_cols = {r["series_uid"]: ct_quant_columns(r) for r in rows}
+    ckeys = list(dict.fromkeys(k for c in ct_cols.values() for k in c))
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_FIXED + [f"p:{lab}" for lab in labels] + [f"ms:{k}" for k in tkeys])
+    w.writerow(CSV_FIXED + [f"p:{lab}" for lab in labels] + ckeys + [f"ms:{k}" for k in tkeys])
     for r in rows:
         vals = []
         for k in CSV_FIXED:
@@ -397,6 +428,7 @@ def to_csv(results: dict[str, Any]) -> str:
                 v = ""
             vals.append(v)
         vals += ["" if r["probabilities"].get(lab) is None else r["probabilities"][lab] for lab in labels]
+        vals += [ct_cols[r["series_uid"]].get(k, "") for k in ckeys]
         vals += ["" if k not in r["timings_ms"] else r["timings_ms"][k] for k in tkeys]
         w.writerow(vals)
     return buf.getvalue()
@@ -449,6 +481,47 @@ _JS = """
 """
 
 
+def _ct_quant_cell(r: dict[str, Any]) -> str:
+    """CT severity score (zones), opacity burden and the per-zone involved % as a small table."""
+    q = r.get("ct_quant")
+    if not q:
+        return "<td class='sev' data-v=''></td>"
+    e = html.escape
+    zones = "".join(f"<tr><td>{e(z['lung'])} {e(z['zone'])}</td><td>{z['ggo_percent']:.1f}</td>"
+                    f"<td>{z['consolidation_percent']:.1f}</td></tr>" for z in q["zones"])
+    return (f"<td class='sev' data-v='{q['severity_score']}'><b>{q['severity_score']}</b>/25 "
+            f"<span class='small'>(zones, approx.)</span><br>opacity {q['total_opacity_percent']:.2f}% · "
+            f"GGO {q['ggo_ml']:.1f} mL · cons. {q['consolidation_ml']:.1f} mL"
+            + (" · <b>demo phantom</b>" if q.get("is_phantom") else "")
+            + f"<table class='small'><tr><th>zone</th><th>GGO %</th><th>cons. %</th></tr>{zones}</table></td>")
+
+
+def trend_section(rows: list[dict[str, Any]]) -> str:
+    """Per patient with two or more dated studies: an inline SVG of severity and probabilities by
+    study date and the values as a table (engine.priors). Patients appear under the ID the rows
+    carry, which is the pseudonym under --deidentify; names are never shown here."""
+    from engine.priors import metric_series, trend_svg, trends_from_rows
+
+    trends = trends_from_rows(rows)
+    if not trends:
+        return ""
+    e = html.escape
+    parts = ["<h2>Trends (patients with two or more studies)</h2>"]
+    for pid, pts in trends.items():
+        series = metric_series(pts)
+        head = "".join(f"<th>{e(label)}</th>" for _, label, _, _ in series)
+        body = "".join(
+            f"<tr><td>{e(p.when.strftime('%Y-%m-%d'))}</td><td>{e(p.modality)}</td>"   # type: ignore[union-attr]
+            f"<td>{'' if p.valid is None else ('passed' if p.valid else 'failed')}</td>"
+            + "".join(f"<td>{'' if vals[k] is None else _fmt(float(vals[k]), 3 if mx <= 1 else 1)}</td>"
+                      for _, _, mx, vals in series) + "</tr>" for k, p in enumerate(pts))
+        parts.append(f"<div class='trend'><h3>{e(pid)} — {len(pts)} studies</h3>{trend_svg(pts)}"
+                     f"<table><tr><th>study date</th><th>modality</th><th>validity</th>{head}</tr>{body}</table>"
+                     "<p class='small'>Each line on its own scale (0 at the bottom, the scale's maximum at the "
+                     "top); dashed lines are probabilities. Results of a failed image check are not findings.</p></div>")
+    return "\n".join(parts)
+
+
 def to_html(results: dict[str, Any]) -> str:
     """Self-contained page (no CDN): banner, models, summary, sortable table, failures."""
     e = html.escape
@@ -461,7 +534,7 @@ def to_html(results: dict[str, Any]) -> str:
         "<li>no model ran (no analysable series)</li>"
     cols = [("Image", 0), ("Patient", 0), ("Study date", 0), ("Modality", 0), ("Series", 0), ("Status", 0),
             ("Validity", 0), ("Score", 1), ("Top finding", 0), ("Extent 0-8", 1), ("Opacity 0-6", 1),
-            ("Positive", 0), ("Models", 0), ("Error / warnings", 0), ("Time s", 1)]
+            ("CT quant (zones)", 1), ("Positive", 0), ("Models", 0), ("Error / warnings", 0), ("Time s", 1)]
     head = "".join(f"<th data-num='{n}'>{e(c)}</th>" for c, n in cols)
     body = []
     for r in rows:
@@ -488,6 +561,7 @@ def to_html(results: dict[str, Any]) -> str:
             f"<td>{e(r['top_label'] or '')}</td>",
             f"<td class='sev' data-v='{'' if r['severity_extent'] is None else r['severity_extent']}'>{_fmt(r['severity_extent'], 2)}</td>",
             f"<td class='sev' data-v='{'' if r['severity_opacity'] is None else r['severity_opacity']}'>{_fmt(r['severity_opacity'], 2)}</td>",
+            _ct_quant_cell(r),
             f"<td>{e(', '.join(r['positive_labels']))}</td>",
             f"<td class='small'>{e('; '.join(r['models']))}</td>",
             f"<td class='small'>{e(errs)}</td>",
@@ -520,6 +594,7 @@ ChestView {e(results['app']['version'])}. <span class="t">Generated {e(str(run.g
 <table id="rows" data-default="7"><thead><tr>{head}</tr></thead><tbody>
 {chr(10).join(body)}
 </tbody></table>
+{trend_section(rows)}
 <h2>Files that could not be indexed</h2><table><tr><th>file</th><th>reason</th></tr>{probs}</table>
 <p class="ruo">{e(RESEARCH_USE)}. Scores of untrained models or of series that failed the validity gate are not findings.</p>
 <script>{_JS}</script>

@@ -15,6 +15,76 @@ ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
 
 
+def _scrub_logs() -> None:
+    """No identifiers in stderr or logs from any import of the engine by the viewer (DESIGN.md 5)."""
+    from engine.logscrub import install
+
+    install()
+
+
+_scrub_logs()
+
+
+def load_frame(path: str | Path, frame: int = 0):
+    """One decoded Frame (engine.dicom.pixels.Frame) of an untrusted file, decoded in a sandboxed
+    child process (engine.safe_decode): a hostile file becomes a LoadError, never a crash, hang or
+    memory blow-up of the caller. Raises LoadError only."""
+    from engine.safe_decode import bounded_load_frame
+
+    return bounded_load_frame(path, frame)
+
+
+def load_volume(series: SeriesRecord, progress: ProgressFn | None = None, cancel: CancelFn | None = None):
+    """A CT series as engine.dicom.volume.Volume, decoded in a sandboxed child. LoadError only
+    (AnalysisCancelled when ``cancel()`` turns True)."""
+    from engine.safe_decode import bounded_load_volume
+
+    return bounded_load_volume(series, progress=progress, cancel=cancel)
+
+
+def read_header(path: str | Path):
+    """The dataset without pixel data, parsed in a sandboxed child. LoadError only."""
+    from engine.safe_decode import bounded_read_header
+
+    return bounded_read_header(path)
+
+
+def overlay_planes(path: str | Path, frame: int = 0):
+    """The DICOM overlay planes (60xx) of one frame as engine.dicom.overlays.OverlaySet, from the
+    header parsed in the sandboxed child (``read_header``). Worker thread only; never raises."""
+    from engine.dicom.overlays import OverlaySet, overlays_from_dataset
+
+    try:
+        ds = read_header(path)
+    except Exception as exc:  # noqa: BLE001 - LoadError by contract; shown as a problem, not raised
+        return OverlaySet(problems=[f"overlays not read: {getattr(exc, 'reason', exc)}"])
+    return overlays_from_dataset(ds, frame)
+
+
+def thumbnail(series: SeriesRecord, size: int = 96):
+    """uint8 thumbnail of the series' middle image, made in a sandboxed child. LoadError only."""
+    from engine.safe_decode import bounded_thumbnail
+
+    return bounded_thumbnail(series, size)
+
+
+def set_wait_hook(fn: Callable[[], None] | None) -> None:
+    """Called every ~20 ms while the calling thread waits on a sandboxed decode (the GUI passes
+    one that serves timers and paint events). See engine.safe_decode.set_wait_hook."""
+    from engine.safe_decode import set_wait_hook as _set
+
+    _set(fn)
+
+
+def warm_up() -> None:
+    """Start the sandboxed decode processes now (call from a worker thread at startup) so the
+    first image does not wait for them."""
+    from engine.safe_decode import boundary_pool
+
+    boundary_pool("interactive").submit(len, "").result()
+    boundary_pool("background").submit(len, "").result()
+
+
 def open_path(path: str | Path) -> IndexResult:
     """Index a folder, DICOMDIR or ZIP (headers only); problems are listed, never raised."""
     from engine.dicom.index import index_path
@@ -25,6 +95,7 @@ def open_path(path: str | Path) -> IndexResult:
 def analyze_series(series: SeriesRecord, progress: ProgressFn | None = None,
                    cancel: CancelFn | None = None) -> StudyResult:
     """Run the AI pipeline on one series (call from a worker thread, never the GUI thread)."""
+    preload_model_runtime()
     from engine.analysis import analyze
 
     return analyze(series, progress=progress, cancel=cancel)
@@ -32,6 +103,7 @@ def analyze_series(series: SeriesRecord, progress: ProgressFn | None = None,
 
 def model_infos() -> list:
     """ModelInfo for every registered model (trained or labelled 'untrained')."""
+    preload_model_runtime()
     from engine.models.registry import list_model_infos
 
     return list_model_infos()
@@ -47,6 +119,7 @@ def analyze_volume(series: SeriesRecord, volume, progress: ProgressFn | None = N
     import logging
     import time
 
+    preload_model_runtime()
     from engine.analysis import default_analyzer
     from engine.errors import AnalysisCancelled
 
@@ -63,3 +136,47 @@ def analyze_volume(series: SeriesRecord, volume, progress: ProgressFn | None = N
     if progress is not None:
         progress(1.0, "done")
     return res
+
+
+_TORCH_LIBS = ("libc10.so", "libtorch_cpu.so", "libtorch.so", "libtorch_python.so")
+_preload_lock = __import__("threading").Lock()
+_preloaded = False
+
+
+def preload_model_runtime() -> None:
+    """Map torch's shared libraries into the process with the GIL released, before ``import torch``.
+
+    ``import torch`` dlopens libtorch_cpu (hundreds of MB of relocations and static constructors)
+    from inside the import system, which holds the GIL for the whole call: the viewer's GUI thread
+    froze for 0.4-0.9 s at the first analysis. ctypes releases the GIL around foreign calls, so
+    calling libc's dlopen(3) through it does the same work while the GUI keeps running; the later
+    import finds the libraries already loaded (dlopen is reference counted). Linux only, best
+    effort, idempotent, thread-safe (a second caller waits, without the GIL, for the first).
+    """
+    global _preloaded
+    import sys
+
+    if _preloaded or "torch" in sys.modules or not sys.platform.startswith("linux"):
+        return
+    with _preload_lock:
+        if _preloaded:
+            return
+        _preloaded = True
+        try:
+            import ctypes
+            import importlib.util
+            import os
+
+            spec = importlib.util.find_spec("torch")
+            if spec is None or not spec.origin:
+                return
+            libdir = os.path.join(os.path.dirname(spec.origin), "lib")
+            libc = ctypes.CDLL(None)
+            libc.dlopen.restype = ctypes.c_void_p
+            libc.dlopen.argtypes = [ctypes.c_char_p, ctypes.c_int]
+            for name in _TORCH_LIBS:
+                path = os.path.join(libdir, name)
+                if os.path.exists(path):
+                    libc.dlopen(path.encode(), os.RTLD_NOW | os.RTLD_GLOBAL)
+        except Exception:  # noqa: BLE001 - an optimisation only: import torch loads them anyway
+            return

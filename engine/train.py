@@ -2,8 +2,9 @@
 
 CPU-first training (2 shared cores; a GPU is used when present): images are preprocessed once
 with exactly the inference preprocessing and cached (engine.datasets), then the loop trains with
-radiograph-appropriate augmentation (small rotation/scale/shift, contrast/gamma; horizontal flips
-for CT only, where COVID-vs-non-COVID is laterality-free), source-balanced sampling, a wall-clock
+radiograph-appropriate augmentation (small rotation/scale/shift, contrast/gamma; for CT the lung
+crop is re-rendered before the shared per-lung normalisation, engine.preprocess.ct_input, with
+horizontal flips since COVID-vs-non-COVID is laterality-free), source-balanced sampling, a wall-clock
 budget, early stopping and model selection on the validation split, deterministic seeds and a
 resumable checkpoint every epoch. The X-ray test split is never touched here.
 Research use only, not for diagnostic use.
@@ -304,24 +305,31 @@ def xray_task(ds, cfg: TrainConfig, balance: str):
 
 
 def ct_task(ds, cfg: TrainConfig, balance: str):
+    """Loss, evaluation and sampling weights for the CT slice classifier.
+
+    ``ds.x`` holds (N, 2, S, S) [lung-window grey crop, lung mask] (engine.datasets.encode_ct_slice);
+    training batches are re-rendered and normalised by ``augment_ct_batch``, validation batches only
+    normalised (``ct_batch_input``), i.e. exactly what the app feeds the model. Selection rule, fixed
+    before training: the epoch with the highest validation slice AUC (earliest on ties).
+    """
     import torch
     import torch.nn.functional as F
 
     from engine import metrics as M
-    from engine.datasets import ct_targets, source_balanced_weights
+    from engine.datasets import ct_batch_input, ct_targets, source_balanced_weights
 
     tr, va = ds.indices("train"), ds.indices("val")
     rows_tr = [ds.rows[i] for i in tr]
     y = ct_targets(rows_tr)
     weights = source_balanced_weights(rows_tr, power={"source": 0.5, "none": 1.0}[balance])
-    xv = ds.x[va]
+    xv = ct_batch_input(ds.x[va])
     yv = ct_targets([ds.rows[i] for i in va]).numpy()
 
     def loss_fn(model, xb, idx):
-        return F.cross_entropy(model(xb.expand(-1, 3, -1, -1)).float(), y[idx], label_smoothing=0.05)
+        return F.cross_entropy(model(xb).float(), y[idx], label_smoothing=0.05)
 
     def evaluate(model):
-        logits = predict(model, xv.expand(-1, 3, -1, -1))
+        logits = predict(model, xv)
         p = torch.softmax(logits.float(), 1)[:, 1].numpy()
         auc = M.roc_auc(yv, p)
         return auc, {"auc_covid": auc, "acc@0.5": float(((p >= 0.5) == yv).mean())}
@@ -355,8 +363,11 @@ def run_training(kind: str, data: str, out: str, *, epochs: int | None = None, s
     model = build_model(kind, variant)
     full = 224 if kind == "xray" else model.input_size
     size = size or full
-    ds = (load_xray_set if kind == "xray" else load_ct_set)(data, size=full)
-    if size != full:
+    if kind == "ct":
+        model.input_size = size   # recorded in the card (arch_params.input_size); the app feeds this size
+    # CT caches the crop before normalisation at the training size itself (a mask is not area-averaged)
+    ds = load_xray_set(data, size=full) if kind == "xray" else load_ct_set(data, size=size)
+    if kind == "xray" and size != full:
         # progressive resizing: a low-resolution stage (area-downsampled cache of exactly the inference
         # preprocessing) followed by a stage at the inference size started with --init
         import torch.nn.functional as F
@@ -380,8 +391,10 @@ def run_training(kind: str, data: str, out: str, *, epochs: int | None = None, s
     if kind == "xray":
         aug = lambda xb, generator=None: augment_batch(xb, generator=generator)  # noqa: E731
     else:
-        aug = lambda xb, generator=None: augment_batch(xb, hflip=True, value_range=(-1.0, 1.0),  # noqa: E731
-                                                       generator=generator)
+        from engine.preprocess.ct_input import augment_ct_batch
+
+        render_rng = np.random.default_rng(seed)
+        aug = lambda xb, generator=None: augment_ct_batch(xb, render_rng, generator)  # noqa: E731
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
     run_info = {"kind": kind, "variant": variant, "size": size, "balance": balance, "seed": seed, "init": init,

@@ -62,7 +62,9 @@ def test_ct_slice_crop_keeps_the_lungs(shared_data):
             assert t < g.shape[0] / 2 < b and l < g.shape[1] / 2 < rr
     assert found >= 4
     x, _ = encode_ct_slice(shared_data / "ct" / rows[0]["path"])
-    assert x.shape == (1, 224, 224) and -1.0 <= float(x.min()) and float(x.max()) <= 1.0
+    # cached before the per-lung normalisation: [lung-window grey in [0, 1], lung mask]
+    assert x.shape == (2, 224, 224) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert set(torch.unique(x[1]).tolist()) <= {0.0, 1.0} and float(x[1].mean()) > 0.1
 
 
 def test_ct_crop_falls_back_on_images_without_lungs():

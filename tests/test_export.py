@@ -86,6 +86,40 @@ def sr_items(ds: pydicom.Dataset) -> list[tuple[str, str, object]]:
     return out
 
 
+def sr_groups(ds: pydicom.Dataset) -> dict[str, dict]:
+    """TID 1501 measurement groups by tracking identifier: the Finding, finding site, NUM items
+    as (concept, value, unit) and CODE items as concept -> value meaning."""
+    out: dict[str, dict] = {}
+    for top in ds.ContentSequence:
+        if top.ConceptNameCodeSequence[0].CodeValue != "126010":          # Imaging Measurements
+            continue
+        for grp in top.ContentSequence:
+            g = {"finding": None, "site": None, "num": [], "code": {}, "text": []}
+            ident = ""
+            for it in grp.ContentSequence:
+                name = it.ConceptNameCodeSequence[0]
+                if it.ValueType == "TEXT" and name.CodeValue == "112039":    # Tracking Identifier
+                    ident = str(it.TextValue)
+                elif it.ValueType == "TEXT":
+                    g["text"].append(str(it.TextValue))
+                elif it.ValueType == "CODE" and name.CodeValue == "121071":  # Finding
+                    c = it.ConceptCodeSequence[0]
+                    g["finding"] = (c.CodeValue, c.CodingSchemeDesignator, c.CodeMeaning)
+                elif it.ValueType == "CODE" and name.CodeValue == "363698007":  # Finding Site
+                    g["site"] = it.ConceptCodeSequence[0].CodeMeaning
+                elif it.ValueType == "CODE":
+                    g["code"][name.CodeMeaning] = it.ConceptCodeSequence[0].CodeMeaning
+                elif it.ValueType == "NUM":
+                    mv = it.MeasuredValueSequence[0]
+                    g["num"].append(((name.CodeValue, name.CodingSchemeDesignator, name.CodeMeaning),
+                                     float(mv.NumericValue), mv.MeasurementUnitsCodeSequence[0].CodeValue))
+            out[ident] = g
+    return out
+
+
+PROBABILITY = ("122157", "DCM", "Probability")
+
+
 def _check_written(path: Path, source: pydicom.Dataset) -> pydicom.Dataset:
     raw = path.read_bytes()
     assert raw[:128] == b"\x00" * 128 and raw[128:132] == b"DICM"
@@ -95,6 +129,7 @@ def _check_written(path: Path, source: pydicom.Dataset) -> pydicom.Dataset:
     assert ds.SOPInstanceUID != source.SOPInstanceUID
     assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
     assert not [e for e in ds.iterall() if e.tag.is_private]
+    assert path.stat().st_mode & 0o777 == 0o644                       # readable by PACS tools (was 0600)
     return ds
 
 
@@ -115,15 +150,24 @@ def test_sr_holds_findings_severity_model_and_research_text(sources, tmp_path):
     ev = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert ev.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
     items = sr_items(sr)
-    nums = {name: val for vt, name, val in items if vt == "NUM"}
-    assert nums["Pneumonia"] == (0.8312, "{probability}")
-    assert nums["Pleural effusion"] == (0.1204, "{probability}")              # SNOMED CT 60046008
-    assert nums["Lung Opacity"] == (0.7741, "{probability}")                  # local code
-    assert nums["COVID-19"] == (0.663, "{probability}")
-    assert nums["Geographic extent score (0-8)"] == (4.31, "{score}")
-    assert nums["Opacity score (0-6)"] == (2.87, "{score}")
-    verdicts = [val for vt, name, val in items if name == "Above model operating threshold"]
-    assert verdicts == ["Yes", "No", "Yes", "Yes"]
+    groups = sr_groups(sr)
+    # TID 1501: the disease is the Finding, the measurement is DCM 122157 Probability (PS3.16)
+    expect = {"Pneumonia": (("233604007", "SCT", "Pneumonia"), 0.8312, "Present"),
+              "Effusion": (("60046008", "SCT", "Pleural effusion"), 0.1204, "Absent"),
+              "Lung Opacity": (("112001", "DCM", "Opacity"), 0.7741, "Present"),
+              "COVID-19": (("840539006", "SCT", "COVID-19"), 0.663, "Present")}
+    for label, (finding, p, verdict) in expect.items():
+        g = groups[f"AI finding: {label}"]
+        assert g["finding"] == finding and g["site"] == "Lung"
+        assert g["num"] == [(PROBABILITY, p, "{probability}")]
+        assert g["code"] == {"Presence of property": verdict}
+    sev = groups["AI severity (Cohen et al. 2020)"]
+    assert sev["finding"] == ("112001", "DCM", "Opacity")
+    assert sev["num"] == [(("260858005", "SCT", "Extent (attribute)"), 4.31, "{score}"),
+                          (("246112005", "SCT", "Severity (attribute)"), 2.87, "{score}")]
+    # every concept is standard here, so no private scheme is used or declared
+    assert not [e for e in sr.iterall() if e.keyword == "CodingSchemeDesignator" and e.value == ex.LOCAL_SCHEME]
+    assert "CodingSchemeIdentificationSequence" not in sr
     texts = [val for vt, _, val in items if vt == "TEXT"]
     assert texts.count(RESEARCH_USE) == 5                                      # one per group
     assert any(name == "Algorithm Version" and val == XV for _, name, val in items)
@@ -137,7 +181,7 @@ def test_untrained_model_reports_no_findings(sources):
     src_path = sources["cr"][0]
     sr = ex.build_exports(xray_result(src_path, trained=False), [src_path], ex.ExportKinds(parametric_map=False))[0]
     items = sr_items(sr)
-    assert not [i for i in items if i[0] == "NUM"]
+    assert not [n for g in sr_groups(sr).values() for n in g["num"]]      # no measurements at all
     texts = [val for vt, _, val in items if vt == "TEXT"]
     assert f"Model {XR} {XV} is untrained: no findings reported." in texts and RESEARCH_USE in texts
 
@@ -147,9 +191,11 @@ def test_ct_result_sr_references_slices_and_validity(sources):
     srcs = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
     sr = ex.build_exports(ct_result(paths), paths, ex.ExportKinds(parametric_map=False))[0]
     items = sr_items(sr)
-    assert any(vt == "NUM" and name == "Study-level probability" and val == (0.2731, "{probability}")
-               for vt, name, val in items)
-    assert any(vt == "NUM" and name == "Lung volume" and val == (4312.5, "mL") for vt, name, val in items)
+    study = sr_groups(sr)["AI CT study score"]
+    assert study["finding"] == ("840539006", "SCT", "COVID-19")
+    assert study["num"] == [(PROBABILITY, 0.2731, "{probability}"),
+                            (("118565006", "SCT", "Volume"), 4312.5, "mL")]
+    assert [n[1] for n in sr_groups(sr)["AI CT slice scores"]["num"]] == [0.2731, 0.19, 0.11]
     # the top slice score references the slice it came from
     assert srcs[2].SOPInstanceUID in [val for vt, _, val in items if vt == "IMAGE"]
     texts = [val for vt, _, val in items if vt == "TEXT"]
@@ -159,27 +205,23 @@ def test_ct_result_sr_references_slices_and_validity(sources):
 
 
 def test_parametric_map_holds_the_float_heatmap(sources, tmp_path):
+    # A radiograph has no Frame of Reference: its heatmap goes out as a Secondary Capture, never as a
+    # Parametric Map with invented patient coordinates (dciodvfy found 9-11 errors in those).
     cr_path = sources["cr"][0]
     cr = pydicom.dcmread(cr_path, stop_before_pixels=True)
-    result = xray_result(cr_path)
-    out = ex.export_to_folder(result, [cr_path], tmp_path / "pm", ex.ExportKinds(sr=False, parametric_map=True))
-    pm = _check_written(out[0], cr)
-    assert pm.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30" and "FloatPixelData" in pm
-    arr = pm.pixel_array.astype(np.float32)
-    assert arr.shape == (cr.Rows, cr.Columns)
-    # resized 224x224 Gaussian: peak lands where (90, 70) maps to in the full image
-    peak = np.unravel_index(np.argmax(arr), arr.shape)
-    assert abs(peak[0] - 90 * cr.Rows / 224) < 12 and abs(peak[1] - 70 * cr.Columns / 224) < 12
-    assert 0.0 <= arr.min() and arr.max() <= 1.0 and arr.max() > 0.95
-    assert pm.ContentQualification == "RESEARCH"
-    ref = pm.SharedFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0] \
-        if "DerivationImageSequence" in pm.SharedFunctionalGroupsSequence[0] else \
-        pm.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
-    assert ref.ReferencedSOPInstanceUID == cr.SOPInstanceUID
+    out = ex.export_to_folder(xray_result(cr_path), [cr_path], tmp_path / "pm", ex.ExportKinds(sr=False))
+    assert [pydicom.dcmread(p).SOPClassUID for p in out] == ["1.2.840.10008.5.1.4.1.1.7"]
+    sc = _check_written(out[0], cr)
+    assert sc.BurnedInAnnotation == "YES" and sc.BodyPartExamined == "CHEST" and "Laterality" not in sc
+    with pytest.raises(ex.ExportError, match="Frame of Reference"):
+        ex.build_parametric_maps(xray_result(cr_path), [cr])
     # CT: the heatmap sits on slice_index 2 and references that slice, same size as the slice
     ct_paths = sources["ct"]
     pm_ct = ex.build_exports(ct_result(ct_paths), ct_paths, ex.ExportKinds(sr=False))[0]
+    assert pm_ct.SOPClassUID == "1.2.840.10008.5.1.4.1.1.30" and "FloatPixelData" in pm_ct
     np.testing.assert_allclose(pm_ct.pixel_array, _blob((128, 128), 60, 40, 12), atol=1e-6)
+    assert pm_ct.ContentQualification == "RESEARCH" and pm_ct.FrameOfReferenceUID
+    assert pm_ct.Laterality == ""                  # CT_small has no body part: laterality unknown, Type 2
     refs = [str(s.ReferencedSOPInstanceUID) for fg in pm_ct.PerFrameFunctionalGroupsSequence
             for d in fg.get("DerivationImageSequence", []) for s in d.SourceImageSequence]
     refs += [str(s.ReferencedSOPInstanceUID) for d in pm_ct.SharedFunctionalGroupsSequence[0].get(
@@ -252,10 +294,10 @@ def test_send_results_to_orthanc_and_read_back(orthanc, sources, tmp_path):
     cr = pydicom.dcmread(cr_path, stop_before_pixels=True)
     kinds = ex.ExportKinds(sr=True, parametric_map=True, secondary_capture=True)
     res = ex.send_results(xray_result(cr_path), [cr_path], settings, peer, kinds)
-    assert res.ok and len(res.sent) == 3, res.failed
-    # the results joined the source study in the PACS, as three new series
+    assert res.ok and len(res.sent) == 2, res.failed            # a radiograph: SR + one SC, no PM
+    # the results joined the source study in the PACS, as two new series
     study = net.find_studies(settings, peer, net.StudyQuery(study_uid=cr.StudyInstanceUID))[0]
-    assert study.n_series == 4 and set(study.modalities) >= {"CR", "SR", "OT"}
+    assert study.n_series == 3 and set(study.modalities) >= {"CR", "SR", "OT"}
     read = {}
     for uid in res.sent:
         ids = server.find_instances(SOPInstanceUID=uid)
@@ -264,14 +306,91 @@ def test_send_results_to_orthanc_and_read_back(orthanc, sources, tmp_path):
         read[str(ds.SOPClassUID)] = ds
     sr = read["1.2.840.10008.5.1.4.1.1.88.34"]
     items = sr_items(sr)
-    nums = {name: val[0] for vt, name, val in items if vt == "NUM"}
-    assert nums["Pneumonia"] == 0.8312 and nums["COVID-19"] == 0.663 and nums["Lung Opacity"] == 0.7741
+    probs = {g["finding"][2]: g["num"][0][1] for g in sr_groups(sr).values() if g["num"] and g["finding"]
+             and g["num"][0][0] == PROBABILITY}
+    assert probs["Pneumonia"] == 0.8312 and probs["COVID-19"] == 0.663 and probs["Opacity"] == 0.7741
     assert any(name == "Algorithm Version" and val == XV for _, name, val in items)
     assert RESEARCH_USE in [val for vt, _, val in items if vt == "TEXT"]
-    pm = read["1.2.840.10008.5.1.4.1.1.30"]
-    assert pm.pixel_array.dtype == np.float32 and pm.pixel_array.shape == (cr.Rows, cr.Columns)
     sc = read["1.2.840.10008.5.1.4.1.1.7"]
     assert sc.BurnedInAnnotation == "YES" and (sc.pixel_array[:40] > 200).all(axis=2).sum() > 500
     # and over DICOM: C-GET the SR series back into a local store
     got = net.get(settings, peer, cr.StudyInstanceUID, series_uid=sr.SeriesInstanceUID, root=tmp_path)
     assert got.completed == 1 and sr_items(pydicom.dcmread(got.stored[0].path)) == items
+
+
+# --------------------------------------------------------------------------------------------
+# real-world headers (issue: a Konica CR with an empty Patient Orientation crashed the export)
+# --------------------------------------------------------------------------------------------
+def _variant(src: Path, out: Path, **changes) -> Path:
+    """A changed copy of ``src`` written as ``<out's folder>/src/<out's name>`` (an input folder)."""
+    ds = pydicom.dcmread(src)
+    for k, v in changes.items():
+        setattr(ds, k, v)
+    path = out.parent / "src" / out.name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_cr_with_empty_patient_orientation_exports(sources, tmp_path):
+    """Patient Orientation (0020,0020) is Type 2: empty is legal. highdicom indexed it for the TID
+    1603 image library descriptors and raised IndexError, so nothing was exported."""
+    src = _variant(sources["cr"][0], tmp_path / "konica_like.dcm", PatientOrientation="",
+                   ImagerPixelSpacing=[0.175, 0.175])
+    paths = ex.export_to_folder(xray_result(src), [src], tmp_path / "out")       # default kinds
+    read = {str(pydicom.dcmread(p).SOPClassUID): pydicom.dcmread(p) for p in paths}
+    assert set(read) == {"1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.7"}
+    items = sr_items(read["1.2.840.10008.5.1.4.1.1.88.34"])
+    names = [name for _, name, _ in items]
+    # the image library keeps the descriptors the source has values for, and invents none
+    assert ("NUM", "Horizontal Pixel Spacing", (0.175, "mm")) in items
+    assert "Patient Orientation Row" not in names and "Patient Orientation Column" not in names
+    assert ("CODE", "Modality", "Computed Radiography") in items
+    sc = read["1.2.840.10008.5.1.4.1.1.7"]
+    assert sc.PatientOrientation == "" or list(sc.PatientOrientation) == []     # unknown stays empty
+    # with both values present they are carried into the library
+    full = _variant(sources["cr"][0], tmp_path / "oriented.dcm", PatientOrientation=["P", "F"],
+                    ImagerPixelSpacing=[0.175, 0.175])
+    items = sr_items(ex.build_exports(xray_result(full), [full], ex.ExportKinds(parametric_map=False))[0])
+    assert ("TEXT", "Patient Orientation Row", "P") in items
+
+
+def test_unexpected_builder_failure_is_one_clear_export_error(sources, monkeypatch):
+    def boom(*a, **k):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(ex, "build_sr", boom)
+    with pytest.raises(ex.ExportError, match="Could not build the DICOM result objects \\(IndexError"):
+        ex.build_exports(xray_result(sources["cr"][0]), sources["cr"])
+
+
+def test_patient_name_never_reaches_stderr_or_warnings(sources, tmp_path, capfd, caplog):
+    """highdicom's UserWarning quotes a one-component patient name; it must not escape the export."""
+    import logging
+    import warnings
+
+    secret = "Dulcineadeltoboso"
+    src = _variant(sources["cr"][0], tmp_path / "one_name.dcm", PatientName=secret)
+    ct = [_variant(p, tmp_path / f"ct{i}.dcm", PatientName=secret) for i, p in enumerate(sources["ct"])]
+    kinds = ex.ExportKinds(sr=True, parametric_map=True, secondary_capture=True)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.DEBUG):
+        warnings.simplefilter("always")
+        ex.export_to_folder(xray_result(src), [src], tmp_path / "a", kinds)
+        ex.export_to_folder(ct_result(ct), ct, tmp_path / "b", kinds)
+    err = capfd.readouterr()
+    assert not [w for w in caught if secret in str(w.message)], [str(w.message)[:80] for w in caught]
+    assert secret not in err.err and secret not in err.out and secret not in caplog.text
+    assert "suppressed" in caplog.text                     # the warnings happened, and were counted
+
+
+def test_local_scheme_only_for_labels_without_a_standard_concept(sources):
+    src = sources["cr"][0]
+    result = xray_result(src)
+    result.findings.append(Finding("Other pneumonia", 0.2, 0.5, False, XR, XV))
+    sr = ex.build_exports(result, [src], ex.ExportKinds(parametric_map=False))[0]
+    g = sr_groups(sr)["AI finding: Other pneumonia"]
+    assert g["finding"][1] == ex.LOCAL_SCHEME and g["num"][0][0] == PROBABILITY
+    decl = sr.CodingSchemeIdentificationSequence[0]
+    assert decl.CodingSchemeDesignator == ex.LOCAL_SCHEME and decl.CodingSchemeName
+    used = {e.value for e in sr.iterall() if e.keyword == "CodingSchemeDesignator"}
+    assert used <= {"DCM", "SCT", "UCUM", "RFC5646", ex.LOCAL_SCHEME}         # RFC5646: language

@@ -24,6 +24,7 @@ from PySide6.QtCore import Qt  # noqa: E402
 
 from engine.results import (RESEARCH_USE, Finding, Heatmap, ModelInfo, Severity,  # noqa: E402
                             StudyResult, Validity)
+from tests.test_export import PROBABILITY, sr_groups  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"      # Comprehensive 3D SR
@@ -101,6 +102,12 @@ def sr_items(ds: pydicom.Dataset) -> list[tuple[str, str, object]]:
     return out
 
 
+def _probabilities(sr: pydicom.Dataset) -> dict[str, float]:
+    """Finding meaning -> DCM 122157 Probability of each TID 1501 group."""
+    return {g["finding"][2]: g["num"][0][1] for g in sr_groups(sr).values()
+            if g["finding"] and g["num"] and g["num"][0][0] == PROBABILITY}
+
+
 def run_dialog_export(qtbot, dlg) -> tuple[bool, str]:
     with qtbot.waitSignal(dlg.export_finished, timeout=120_000) as sig:
         qtbot.mouseClick(dlg.export_btn, Qt.MouseButton.LeftButton)
@@ -172,10 +179,10 @@ def test_export_sr_and_sc_through_dialog_refuses_input_folder(qtbot, window, dem
         assert "RESEARCH USE ONLY" in ds.SeriesDescription
     items = sr_items(read[SR_CLASS])
     texts = [v for vt, _, v in items if vt == "TEXT"]
-    nums = {name: v for vt, name, v in items if vt == "NUM"}
+    probs = _probabilities(read[SR_CLASS])
     assert RESEARCH_USE in texts
-    assert nums["Pneumonia"] == pytest.approx(0.8312) and nums["Pleural effusion"] == pytest.approx(0.1204)
-    assert "Nodule" not in nums                                  # untrained model: no finding exported
+    assert probs["Pneumonia"] == pytest.approx(0.8312) and probs["Pleural effusion"] == pytest.approx(0.1204)
+    assert "Nodule" not in probs                                 # untrained model: no finding exported
     assert any(f"{UNTRAINED} {UV} is untrained" in t for t in texts)
     sc = read[SC_CLASS]
     assert RESEARCH_USE in sc.ImageComments and sc.BurnedInAnnotation == "YES"
@@ -215,7 +222,7 @@ def test_real_analysis_exported_as_sr(qtbot, window, demo_dir, tmp_path):
     sr = next(d for d in read if d.SOPClassUID == SR_CLASS)
     assert sr.StudyInstanceUID == chest.study_uid
     items = sr_items(sr)
-    nums = [name for vt, name, _ in items if vt == "NUM"]
+    nums = [n for g in sr_groups(sr).values() for n in g["num"]]   # measurements, not library descriptors
     texts = [v for vt, _, v in items if vt == "TEXT"]
     assert RESEARCH_USE in texts
     if trained:
@@ -265,8 +272,7 @@ def test_ct_export_uses_volume_order(qtbot, window, demo_dir, tmp_path):
     refs += [str(s.ReferencedSOPInstanceUID) for f in pm.PerFrameFunctionalGroupsSequence
              for d in f.get("DerivationImageSequence", []) for s in d.SourceImageSequence]
     assert refs == [vol.sop_instance_uids[k]]
-    nums = {name: v for vt, name, v in sr_items(sr) if vt == "NUM"}
-    assert nums["Study-level probability"] == pytest.approx(0.71)
+    assert sr_groups(sr)["AI CT study score"]["num"][0][1] == pytest.approx(0.71)
     # without the viewer's volume (still loading) the worker reads the series in engine order
     w.current_volume = None
     target = ai.export_target()

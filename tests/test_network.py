@@ -6,6 +6,7 @@ made from CT_small.dcm (tests.orthanc_server.make_sources).
 """
 from __future__ import annotations
 
+import io
 import logging
 import shutil
 import subprocess
@@ -85,21 +86,46 @@ def test_settings_roundtrip_and_validation(tmp_path, monkeypatch):
         load_settings()
 
 
-def test_file_instance_is_atomic_and_never_overwrites(tmp_path):
-    st, se, sop = generate_uid(), generate_uid(), generate_uid()
-    a = net.file_instance(b"first version", st, se, sop, tmp_path)
+def test_file_instance_is_atomic_and_never_overwrites(tmp_path, sources):
+    """One file per SOP Instance UID: a different data set under a stored, valid UID is not filed
+    (it used to be stored beside it as ``<SOP>.<sha8>.dcm`` and could shadow it in the index)."""
+    good = sources["ct"][0].read_bytes()
+    ds = pydicom.dcmread(sources["ct"][0])
+    st, se, sop = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+    a = net.file_instance(good, st, se, sop, tmp_path)
     assert a.path == tmp_path / st / se / f"{sop}.dcm" and not a.duplicate and not a.conflict
-    again = net.file_instance(b"first version", st, se, sop, tmp_path)
+    assert a.path.stat().st_mode & 0o777 == 0o644                # readable by PACS tools (was 0600)
+    again = net.file_instance(good, st, se, sop, tmp_path)
     assert again.duplicate and again.path == a.path
-    other = net.file_instance(b"a different file", st, se, sop, tmp_path)
-    assert other.conflict and other.path != a.path
-    assert a.path.read_bytes() == b"first version"          # the original is untouched
-    assert other.path.read_bytes() == b"a different file"
-    assert not list(tmp_path.rglob("*.part"))                # no temp files left behind
+    ds.PixelData = bytes(len(ds.PixelData))                      # same UID, different (valid) data set
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    other = net.file_instance(buf.getvalue(), st, se, sop, tmp_path)
+    assert other.conflict and other.path == a.path
+    assert a.path.read_bytes() == good                           # the stored copy is untouched
+    assert [p.name for p in (tmp_path / st / se).iterdir()] == [f"{sop}.dcm"]
+    # a stored copy that fails the integrity check (truncated) is replaced by a valid one
+    a.path.write_bytes(good[: len(good) - 5000])
+    fixed = net.file_instance(good, st, se, sop, tmp_path)
+    assert fixed.replaced and a.path.read_bytes() == good
+    assert not list(tmp_path.rglob("*.part"))                    # no temp files left behind
     for bad in ("../../etc", "1.2.abc", "", "1." + "2" * 70):
         with pytest.raises(ValueError):
             net.file_instance(b"x", bad, se, sop, tmp_path)
     assert not (tmp_path.parent / "etc").exists()
+
+
+def test_get_contexts_keep_each_syntax_within_the_limit():
+    """One presentation context per (image class, compressed syntax): an acceptor picks one syntax
+    per context, so the old single 12-syntax context per class made Orthanc choose Explicit VR."""
+    cr = "1.2.840.10008.5.1.4.1.1.1"
+    ctx = net.get_contexts([cr] + net.GET_STORAGE_CLASSES)
+    assert len(ctx) <= 127                                      # + the C-GET model context = 128
+    cr_syntaxes = [ts for c, tss in ctx if c == cr for ts in tss]
+    for ts in (pydicom.uid.JPEG2000, pydicom.uid.JPEGBaseline8Bit, pydicom.uid.JPEG2000Lossless):
+        assert [tss for c, tss in ctx if c == cr and ts in tss] == [[ts]]
+    assert pydicom.uid.ExplicitVRLittleEndian in cr_syntaxes
+    assert {c for c, _ in ctx} == set(net.GET_STORAGE_CLASSES) | {cr}   # every class still received
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,3 +314,107 @@ def test_tls_to_orthanc(tmp_path, sources):
             net.echo(settings, Peer("plain", "ORTHANC", "127.0.0.1", server.dicom_port, tls=False))
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# compressed data through C-GET and C-MOVE (issue: J2K failed, JPEG Baseline arrived decompressed)
+# --------------------------------------------------------------------------------------------
+def make_compressed_crs(folder: Path) -> list[Path]:
+    """A mixed CR study: pydicom-data's real JPEG 2000 CR (RG1_J2KI) and a JPEG Baseline CR encoded
+    here from RG1_UNCR with Pillow (8-bit, quarter size), each with new UIDs in one new study."""
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+    from pydicom.encaps import encapsulate
+
+    folder.mkdir(parents=True, exist_ok=True)
+    study = generate_uid()
+    j2k = pydicom.dcmread(get_testdata_file("RG1_J2KI.dcm"))
+    src = pydicom.dcmread(get_testdata_file("RG1_UNCR.dcm"))
+    arr = src.pixel_array.astype(np.float32)
+    small = arr[::4, ::4]
+    img8 = np.clip((small - small.min()) / (np.ptp(small) or 1.0) * 255.0, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img8).save(buf, format="JPEG", quality=90)
+    jpg = src
+    jpg.Rows, jpg.Columns = img8.shape
+    jpg.BitsAllocated, jpg.BitsStored, jpg.HighBit, jpg.PixelRepresentation = 8, 8, 7, 0
+    jpg.PixelData = encapsulate([buf.getvalue()])
+    jpg["PixelData"].VR = "OB"
+    jpg.file_meta.TransferSyntaxUID = pydicom.uid.JPEGBaseline8Bit
+    for k in ("WindowCenter", "WindowWidth", "SmallestImagePixelValue", "LargestImagePixelValue"):
+        if k in jpg:
+            del jpg[k]
+    out = []
+    for name, ds in (("cr_j2k.dcm", j2k), ("cr_jpeg_baseline.dcm", jpg)):
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = generate_uid()
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(folder / name, enforce_file_format=True)
+        out.append(folder / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def compressed(pacs, tmp_path_factory) -> list[Path]:
+    """The mixed compressed CR study, uploaded to Orthanc over REST (stored as received)."""
+    _, _, orthanc, _ = pacs
+    files = make_compressed_crs(tmp_path_factory.mktemp("compressed"))
+    for f in files:
+        orthanc.upload(f)
+    return files
+
+
+def _same_encoded_pixels(received: Path, original: Path) -> None:
+    got, want = pydicom.dcmread(received), pydicom.dcmread(original)
+    assert str(got.file_meta.TransferSyntaxUID) == str(want.file_meta.TransferSyntaxUID)
+    assert got.PixelData == want.PixelData                       # byte-identical codestream
+
+
+def test_get_keeps_jpeg2000_and_jpeg_baseline_byte_identical(pacs, compressed, tmp_path):
+    settings, peer, _, _ = pacs
+    study = str(pydicom.dcmread(compressed[0], stop_before_pixels=True).StudyInstanceUID)
+    announced: list = []
+    res = net.get(settings, peer, study, root=tmp_path, on_stored=announced.append)
+    assert (res.completed, res.failed) == (2, 0) and len(res.stored) == 2
+    assert sorted(r.path for r in announced) == sorted(r.path for r in res.stored)   # all reported
+    by_uid = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in compressed}
+    for rec in res.stored:
+        _same_encoded_pixels(rec.path, by_uid[rec.sop_uid])
+        assert rec.path.stat().st_mode & 0o777 == 0o644
+    assert pydicom.dcmread(res.stored[0].path).pixel_array.size > 0
+
+
+def test_move_keeps_jpeg2000_and_jpeg_baseline_byte_identical(pacs, compressed):
+    settings, peer, _, scp = pacs
+    study = str(pydicom.dcmread(compressed[0], stop_before_pixels=True).StudyInstanceUID)
+    before = len(scp.stored)
+    res = net.move(settings, peer, study)
+    assert (res.completed, res.failed) == (2, 0)
+    got = scp.stored[before:]
+    by_uid = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in compressed}
+    assert sorted(r.sop_uid for r in got) == sorted(by_uid)
+    for rec in got:
+        _same_encoded_pixels(rec.path, by_uid[rec.sop_uid])
+
+
+def test_get_reports_every_filed_instance_when_some_fail(pacs, tmp_path, monkeypatch):
+    """A study where one instance cannot be sent (its SOP class is not negotiated): the call used
+    to raise and the files already written were not reported to the caller."""
+    from pydicom.data import get_testdata_file
+
+    settings, peer, orthanc, _ = pacs
+    study = generate_uid()
+    files = []
+    for name in ("RG1_UNCR.dcm", "SC_rgb_jpeg_dcmtk.dcm"):
+        ds = pydicom.dcmread(get_testdata_file(name))
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, generate_uid(), generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(tmp_path / name, enforce_file_format=True)
+        orthanc.upload(tmp_path / name)
+        files.append(tmp_path / name)
+    monkeypatch.setattr(net, "_sop_classes_of", lambda *a: [])
+    monkeypatch.setattr(net, "GET_STORAGE_CLASSES", [net.sc.ComputedRadiographyImageStorage])
+    res = net.get(settings, peer, study, root=tmp_path / "store")
+    assert res.failed == 1 and [r.sop_uid for r in res.stored] == [str(pydicom.dcmread(files[0]).SOPInstanceUID)]
+    assert res.stored[0].path.is_file(), res.status

@@ -20,6 +20,7 @@ from PySide6.QtWidgets import (QAbstractSpinBox, QApplication, QComboBox, QDockW
                                QPlainTextEdit, QTextEdit, QWidget)
 
 from engine.results import Heatmap, StudyResult
+from viewer.annotations import display_text
 from viewer.findings_panel import FindingsPanel
 from viewer.overlays import HeatmapOverlay
 from viewer.workers import AnalysisRunner, AnalyzeFn, ModelInfoLoader
@@ -111,6 +112,8 @@ class AIController(QObject):
 
         if hasattr(main_window, "series_opened"):
             main_window.series_opened.connect(self.on_series_opened)
+        if hasattr(main_window, "series_selected"):
+            main_window.series_selected.connect(self.on_series_selected)
         if isinstance(main_window, QWidget):
             sc = QShortcut(NEXT_SUSPICIOUS_KEY, main_window)
             sc.setContext(Qt.ShortcutContext.WindowShortcut)
@@ -121,10 +124,14 @@ class AIController(QObject):
         if app is not None:
             app.installEventFilter(self)
             app.aboutToQuit.connect(self.shutdown)
+        # The model cards are read by the registry, which imports torch: not at start-up (idle
+        # memory, start time, a GUI stall) but with the first analysis, whose result names its
+        # models anyway (bench/bench_viewer_start.py).
         self.info_loader = ModelInfoLoader(parent=self)
         self.info_loader.loaded.connect(self._on_model_infos)
-        if load_model_infos:
-            self.info_loader.start()
+        self._load_model_infos = bool(load_model_infos)
+        self._infos_requested = False
+        self.panel.model_label.setText("Models: named when the first analysis starts")
         # Export of the shown result as DICOM (viewer.export_dialog): panel button + File menu action.
         self.export_dialog: Any = None
         self.panel.export_requested.connect(self.open_export_dialog)
@@ -158,6 +165,29 @@ class AIController(QObject):
         return self.panel.auto_run.isChecked()
 
     # -- series and runs --------------------------------------------------------------------
+    def on_series_selected(self, series: Any) -> None:
+        """A new series was chosen (before it is decoded): nothing of the previous series stays on
+        screen, even when this one then fails to display (it never reaches ``on_series_opened``)."""
+        if self.current_series is series:
+            return
+        self.current_series = series
+        self.current_result = None
+        self._awaiting_volume = None
+        self._volume_timer.stop()
+        self._set_overlay_heatmaps([])
+        self.panel.clear()
+        self.panel.set_running(False)
+        self.panel.progress.setValue(0)
+        self.panel.set_series_text(self._series_text(series))
+        self.panel.show_status("Opening the series…")
+        self.update_export_state()
+
+    @staticmethod
+    def _series_text(series: Any) -> str:
+        desc = display_text(getattr(series, "series_description", "") or "")
+        return (f"{getattr(series, 'modality', '?')} series "
+                f"{getattr(series, 'series_number', '') or ''} {desc}").strip()
+
     def on_series_opened(self, series: Any) -> None:
         """A series is displayed: show its cached result, or queue analysis when auto-run is on.
 
@@ -170,9 +200,7 @@ class AIController(QObject):
         self._volume_timer.stop()
         self._set_overlay_heatmaps([])
         kind = getattr(series, "kind", "other")
-        desc = getattr(series, "series_description", "") or ""
-        self.panel.set_series_text(f"{getattr(series, 'modality', '?')} series "
-                                   f"{getattr(series, 'series_number', '') or ''} {desc}".strip())
+        self.panel.set_series_text(self._series_text(series))
         uid = getattr(series, "series_uid", "")
         if uid in self.results:
             self.show_result(self.results[uid])
@@ -218,6 +246,10 @@ class AIController(QObject):
         return self._submit(series, None)
 
     def _submit(self, series: Any, volume: Any) -> int:
+        if self._load_model_infos and not self._infos_requested:
+            self._infos_requested = True
+            self.panel.model_label.setText("Models: loading model cards…")
+            self.info_loader.start()
         self._awaiting_volume = None
         self._volume_timer.stop()
         self.panel.set_running(True, "Queued…")

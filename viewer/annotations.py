@@ -35,6 +35,10 @@ class SeriesMeta:
     row_dir: tuple[float, float, float] | None = None   # patient-space direction of increasing column
     col_dir: tuple[float, float, float] | None = None   # patient-space direction of increasing row
     patient_orientation: tuple[str, str] | None = None  # (0020,0020) for projection images
+    series_uid: str = ""
+    frame_time_ms: float | None = None      # (0018,1063) Frame Time, or the mean Frame Time Vector
+    cine_rate: float | None = None          # (0008,2144) Recommended Display Frame Rate / (0018,0040)
+    pixel_padding: tuple[float, float | None] | None = None   # (0028,0120) and (0028,0121), stored units
     extra: dict = field(default_factory=dict)
 
 
@@ -44,12 +48,69 @@ def _fmt_date(d: str) -> str:
 
 
 def _fmt_name(n: str) -> str:
-    """PN 'Family^Given^Middle' -> 'FAMILY, Given Middle' (PS3.5 6.2)."""
-    parts = [p for p in str(n or "").split("^")]
+    """PN 'Family^Given^Middle^Prefix^Suffix' -> 'FAMILY, Given Middle' (PS3.5 6.2.1). Only the
+    first (alphabetic) of the '='-separated component groups is shown."""
+    text = str(n or "").split("=")[0]
+    parts = [p.strip() for p in text.split("^")]
     if not parts or not parts[0]:
-        return str(n or "")
+        rest = " ".join(p for p in parts[1:3] if p)
+        return rest or text
     rest = " ".join(p for p in parts[1:3] if p)
     return f"{parts[0].upper()}, {rest}" if rest else parts[0].upper()
+
+
+def display_text(value: object) -> str:
+    """A header string for display: '^'-separated components (PN-style, used by some vendors in LO
+    values such as Study Description 'Thorax^AThoraxRoutine': body region ^ protocol) shown as
+    'Thorax · AThoraxRoutine', empty components dropped, multi-values joined with ' / '."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return " / ".join(t for t in (display_text(v) for v in value) if t)
+    text = str(value).strip()
+    if "^" not in text:
+        return text
+    return " · ".join(p.strip() for p in text.split("^") if p.strip())
+
+
+def _frame_time_ms(ds) -> float | None:
+    """Frame Time (0018,1063) in ms, else the mean of the non-zero Frame Time Vector (0018,1065)
+    entries (its first entry is 0 by definition, PS3.3 C.7.6.5.1.2)."""
+    try:
+        ft = getattr(ds, "FrameTime", None)
+        if ft not in (None, "") and float(ft) > 0:
+            return float(ft)
+        vec = getattr(ds, "FrameTimeVector", None)
+        if vec not in (None, ""):
+            seq = list(vec) if isinstance(vec, (list, tuple)) or type(vec).__name__ == "MultiValue" else [vec]
+            vals = [float(v) for v in seq if float(v) > 0]
+            if vals:
+                return float(sum(vals) / len(vals))
+    except (TypeError, ValueError):
+        pass
+    return None
+
+
+def _cine_rate(ds) -> float | None:
+    for kw in ("RecommendedDisplayFrameRate", "CineRate"):
+        try:
+            v = getattr(ds, kw, None)
+            if v not in (None, "") and float(v) > 0:
+                return float(v)
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+def _padding(ds) -> tuple[float, float | None] | None:
+    try:
+        v = getattr(ds, "PixelPaddingValue", None)
+        if v in (None, ""):
+            return None
+        lim = getattr(ds, "PixelPaddingRangeLimit", None)
+        return float(v), (float(lim) if lim not in (None, "") else None)
+    except (TypeError, ValueError):
+        return None
 
 
 def meta_from_dataset(ds) -> SeriesMeta:
@@ -62,9 +123,11 @@ def meta_from_dataset(ds) -> SeriesMeta:
         patient_name=_fmt_name(str(g("PatientName"))), patient_id=str(g("PatientID")),
         patient_sex=str(g("PatientSex")), patient_age=str(g("PatientAge")),
         study_date=_fmt_date(str(g("StudyDate"))), study_time=str(g("StudyTime"))[:6],
-        study_description=str(g("StudyDescription")), institution=str(g("InstitutionName")),
+        study_description=display_text(g("StudyDescription")), institution=display_text(g("InstitutionName")),
         modality=str(g("Modality")), series_number=str(g("SeriesNumber")),
-        series_description=str(g("SeriesDescription")), kvp=str(g("KVP")),
+        series_description=display_text(g("SeriesDescription")), kvp=str(g("KVP")),
+        series_uid=str(g("SeriesInstanceUID")), frame_time_ms=_frame_time_ms(ds), cine_rate=_cine_rate(ds),
+        pixel_padding=_padding(ds),
     )
     try:
         st = g("SliceThickness", None)
@@ -121,20 +184,22 @@ def edge_letters(meta: SeriesMeta, rotation: int = 0, flip_h: bool = False,
         return {}
     # screen vectors as letter pairs: (right, down) for each transform step
     r, d = right, down
-    if flip_h:
-        r = opposite(r)
-    if flip_v:
-        d = opposite(d)
     for _ in range((rotation // 90) % 4):   # rotate content 90 deg clockwise
         r, d = opposite(d), r
+    if flip_h:                              # flips act on the screen, after the rotation
+        r = opposite(r)                     # (viewer.image_view.ImageView._apply_transform)
+    if flip_v:
+        d = opposite(d)
     return {"right": r, "left": opposite(r), "bottom": d, "top": opposite(d)}
 
 
 def corner_texts(meta: SeriesMeta, *, slice_index: int, n_slices: int, position: float | None,
                  center: float | None, width: float | None, zoom: float | None,
                  rows: int = 0, cols: int = 0, spacing: tuple[float, float] | None = None,
-                 is_volume_ct: bool = False, inverted: bool = False, voi_lut: bool = False) -> dict[str, str]:
-    """The four corner strings (top_left, top_right, bottom_left, bottom_right)."""
+                 is_volume_ct: bool = False, inverted: bool = False, voi_lut: bool = False,
+                 fps: float | None = None, cine_running: bool = False) -> dict[str, str]:
+    """The four corner strings (top_left, top_right, bottom_left, bottom_right); ``fps`` is the
+    cine rate (shown for multi-frame series, marked while playing)."""
     tl = [meta.patient_name, f"ID: {meta.patient_id}" if meta.patient_id else "",
           "  ".join(x for x in (f"Sex {meta.patient_sex}" if meta.patient_sex else "",
                                 f"Age {meta.patient_age}" if meta.patient_age else "") if x)]
@@ -157,6 +222,8 @@ def corner_texts(meta: SeriesMeta, *, slice_index: int, n_slices: int, position:
         br.append(f"W: {width:.0f} L: {center:.0f}" + ("  INV" if inverted else ""))
     if zoom is not None:
         br.append(f"Zoom: {zoom * 100:.0f}%")
+    if fps is not None:
+        br.append(f"{'▶ ' if cine_running else ''}Cine {fps:.3g} fps")
     return {"top_left": "\n".join(x for x in tl if x), "top_right": "\n".join(x for x in tr if x),
             "bottom_left": "\n".join(x for x in bl if x), "bottom_right": "\n".join(x for x in br if x)}
 
@@ -194,6 +261,14 @@ class CornerOverlay(QWidget):
             lab.setAlignment(align)
             lay.addWidget(lab, r, c, align)
             self.labels[key] = lab
+        self.message = QLabel("", self)
+        self.message.setObjectName("imageMessage")
+        self.message.setWordWrap(True)
+        self.message.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.message.setStyleSheet("background: rgba(90, 20, 20, 200); color: #ffffff; font-size: 10pt; "
+                                   "padding: 8px; border-radius: 4px;")
+        self.message.hide()
+        lay.addWidget(self.message, 1, 1, Qt.AlignmentFlag.AlignCenter)
         self.research = QLabel(RESEARCH_LINE, self)
         self.research.setStyleSheet("background: rgba(0, 0, 0, 150); color: #a0a0a0; font-size: 8pt; padding: 0px 3px;")
         lay.addWidget(self.research, 3, 0, 1, 3, Qt.AlignmentFlag.AlignHCenter | Qt.AlignmentFlag.AlignBottom)
@@ -203,8 +278,22 @@ class CornerOverlay(QWidget):
     def _set(self, key: str, text: str) -> None:
         lab = self.labels[key]
         if lab.text() != text:
+            shrinks = len(text) < len(lab.text()) or text.count("\n") < lab.text().count("\n")
             lab.setText(text)
+            if shrinks:
+                # The box is the label's background: give it its new, smaller size now and repaint
+                # the whole overlay, or the old box stays behind the shorter text (the overlay is
+                # translucent and the image view below does not know that area changed).
+                lab.adjustSize()
+                self.layout().activate()
+                self.update()
         lab.setVisible(bool(text))
+
+    def set_message(self, text: str) -> None:
+        """Centre message (e.g. why the image could not be decoded); empty hides it."""
+        self.message.setText(text)
+        self.message.setMaximumWidth(max(240, int(self.width() * 0.7)))
+        self.message.setVisible(bool(text))
 
     def set_texts(self, texts: dict[str, str]) -> None:
         for key in ("top_left", "top_right", "bottom_left", "bottom_right"):

@@ -17,7 +17,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QFrame, QGridL
                                QHBoxLayout, QLabel, QProgressBar, QPushButton, QScrollArea,
                                QSizePolicy, QSlider, QVBoxLayout, QWidget)
 
-from engine.results import RESEARCH_USE, Finding, ModelInfo, StudyResult
+from engine.results import RESEARCH_USE, Finding, ModelInfo, StudyResult, finding_rank
 from viewer.overlays import COLORMAPS, ColorBar
 from viewer.slice_strip import SliceScoreStrip
 
@@ -227,6 +227,9 @@ class FindingsPanel(QWidget):
         cl.addWidget(self.top_label, 5, 0, 1, 3)
         cl.setColumnStretch(1, 1)
         self.body_layout.addWidget(self.ct_box)
+        from viewer.ct_quant_overlay import CTQuantBox   # HU quantification per lung/zone, map controls
+        self.ct_quant_box = CTQuantBox()
+        self.body_layout.addWidget(self.ct_quant_box)
 
         self.heatmap_box = QGroupBox("Heatmap (Grad-CAM)")
         hl = QFormLayout(self.heatmap_box)
@@ -280,6 +283,12 @@ class FindingsPanel(QWidget):
         self.smallprint.setWordWrap(True)
         outer.addWidget(self.smallprint)
         self.clear()
+
+    # -- extra sections ----------------------------------------------------------------------
+    def add_section(self, widget: QWidget) -> None:
+        """A block placed before the heatmap controls that manages its own visibility (e.g. the
+        result trend of viewer.trend_panel); ``clear()`` leaves it alone."""
+        self.body_layout.insertWidget(self.body_layout.indexOf(self.heatmap_box), widget)
 
     # -- model identity ---------------------------------------------------------------------
     def set_models(self, models: Sequence[ModelInfo] | None, error: str | None = None) -> None:
@@ -341,6 +350,7 @@ class FindingsPanel(QWidget):
         self.findings_box.hide()
         self.severity_box.hide()
         self.ct_box.hide()
+        self.ct_quant_box.hide()
         self.heatmap_box.hide()
         self.strip.clear()
         self.warnings_label.setText("")
@@ -370,6 +380,7 @@ class FindingsPanel(QWidget):
         self._show_findings(result, lookup, greyed)
         self._show_severity(result, lookup, greyed)
         self._show_ct(result, lookup, greyed)
+        self.ct_quant_box.show_result(result)
         self._show_heatmap_targets(result, lookup, greyed)
         if result.warnings:
             self.warnings_label.setText("Warnings: " + "; ".join(result.warnings))
@@ -420,7 +431,7 @@ class FindingsPanel(QWidget):
             lab.setWordWrap(True)
             lay.addWidget(lab, row, 0, 1, 3)
             row += 1
-        for f in sorted(shown, key=lambda f: (not f.positive, -f.probability)):
+        for f in sorted(shown, key=finding_rank):     # the same order as engine.results.top_finding
             name = QLabel(f.label)
             bar = ScoreBar(f.probability, 1.0, f.threshold, greyed=greyed)
             flag = " ▲" if (f.positive and not greyed) else ""
@@ -523,11 +534,13 @@ class FindingsPanel(QWidget):
             elif greyed:
                 lab += " (image check failed)"
             labels.append(lab)
-        # Default: the most probable trained finding with a heatmap; nothing when untrained/greyed.
+        # Default: the most probable trained finding with a heatmap that is not hidden by default (a
+        # negative finding's or a failed gate's map); nothing when untrained/greyed.
         default = None
         if not greyed:
             probs = {f.label: f.probability for f in result.findings if finding_is_trained(f, lookup)}
-            cands = [t for t in targets if t in trained_t]
+            hidden = {h.target for h in result.heatmaps if getattr(h, "hidden_by_default", False)}
+            cands = [t for t in targets if t in trained_t and t not in hidden]   # others only when asked
             if cands:
                 default = max(cands, key=lambda t: probs.get(t, -1.0))
         self._set_targets(list(zip(targets, labels)), default)

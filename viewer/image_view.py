@@ -22,16 +22,22 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-import pyqtgraph as pg
-from PySide6.QtCore import QEvent, QPointF, QRectF, Qt, QTimer, Signal
-from PySide6.QtGui import QTransform
-from PySide6.QtWidgets import QStackedLayout, QWidget
+from PySide6.QtCore import QEvent, QObject, QPointF, QRectF, Qt, QTimer, Signal
+from PySide6.QtGui import QPainter, QTransform
+from PySide6.QtWidgets import (QAbstractItemView, QAbstractSpinBox, QApplication, QComboBox, QLineEdit,
+                               QPlainTextEdit, QStackedLayout, QTextEdit, QWidget)
 
-from viewer.app import protect_singletons
-from viewer.annotations import CornerOverlay, SeriesMeta, corner_texts, edge_letters
-from viewer.measurements import MeasurementLayer
+from viewer.app import preload_display_stack, protect_singletons
 
 protect_singletons()   # PySide6 6.12 / CPython 3.11 refcount bug, see viewer.app
+preload_display_stack()   # pyqtgraph without its CUDA probe (start-up time, see viewer.app)
+
+import pyqtgraph as pg  # noqa: E402 - after preload_display_stack
+
+from viewer.annotations import CornerOverlay, SeriesMeta, corner_texts, edge_letters  # noqa: E402
+from viewer.measurements import MeasurementLayer  # noqa: E402
+from viewer.overlays import OverlayPlaneLayer  # noqa: E402
+
 pg.setConfigOptions(imageAxisOrder="row-major", antialias=True)
 
 CT_PRESETS: list[tuple[str, float, float]] = [
@@ -62,6 +68,11 @@ class SliceData:
     frame: object | None = None             # the engine Frame when loaded from a file
     voi_lut: tuple[float, np.ndarray] | None = None   # VOI LUT Sequence (first value, LUT in [0,1])
     voi_lut_default: bool = False           # the header's default VOI is that LUT (PS3.3 C.11.2.1.1)
+    window_from_header: bool = True         # False: the engine computed ``window`` (no header VOI)
+    frame_index: int = 0                    # frame of the file (multi-frame files; overlay planes)
+    source_file: str = ""                   # file of a volume slice (``path`` is empty for those)
+    image_position: tuple[float, float, float] | None = None       # (0020,0032) of this slice
+    image_orientation: tuple[float, ...] | None = None             # (0020,0037) row then column cosines
 
     def raw_at(self, r: int, c: int) -> float:
         if self.stored is not None and self.stored.ndim == 2:
@@ -82,14 +93,59 @@ def slice_from_frame(frame, position: float | None = None, path: str = "") -> Sl
         position=position, rescale=(float(getattr(frame, "rescale_slope", 1.0) or 1.0),
                                     float(getattr(frame, "rescale_intercept", 0.0) or 0.0)),
         path=path, frame=frame, voi_lut=getattr(frame, "voi_lut", None),
-        voi_lut_default=getattr(frame, "window_source", "") == "voi_lut" and getattr(frame, "voi_lut", None) is not None)
+        voi_lut_default=getattr(frame, "window_source", "") == "voi_lut" and getattr(frame, "voi_lut", None) is not None,
+        window_from_header=getattr(frame, "window_source", "header") != "computed",
+        frame_index=int(getattr(frame, "frame_index", 0) or 0))
 
 
-def default_window(values: np.ndarray) -> tuple[float, float]:
-    """A robust window when the header has none: 1st..99th percentile (subsampled for speed)."""
+def field_of_view_mask(values: np.ndarray, padding: tuple[float, float | None] | None = None) -> np.ndarray:
+    """Pixels that belong to the image proper, not to the padding around the field of view.
+
+    PS3.3 C.7.5.1.1.2: Pixel Padding Value (0028,0120), and with Pixel Padding Range Limit
+    (0028,0121) the closed range between both, mark pixels outside the reconstructed region;
+    ``padding`` is that value (and limit) in the units of ``values`` (after the Modality LUT).
+    Without the attribute, CT scanners still fill the corners outside the circular reconstruction
+    field of view with one constant (often -2000, -3024 or the type's minimum): when all four
+    corner pixels hold the image minimum, pixels at that minimum are treated as padding.
+    """
+    v = np.asarray(values)
+    mask = np.ones(v.shape[:2], bool)
+    if v.ndim != 2 or v.size == 0:
+        return mask
+    if padding is not None and padding[0] is not None:
+        a = float(padding[0])
+        b = float(padding[1]) if padding[1] is not None else a
+        lo, hi = min(a, b), max(a, b)
+        mask &= ~((v >= lo) & (v <= hi))
+    vmin = v.min()
+    corners = (v[0, 0], v[0, -1], v[-1, 0], v[-1, -1])
+    if all(c == vmin for c in corners):
+        mask &= v != vmin
+    return mask
+
+
+def default_window(values: np.ndarray, padding: tuple[float, float | None] | None = None) -> tuple[float, float]:
+    """A window when the header has none: 1st..99th percentile of the pixels inside the field of
+    view (``field_of_view_mask``; subsampled for speed). Counting the padding around a CT's
+    circular field of view (a quarter of the pixels at -2000 HU or below) stretched the window to
+    W3560/L-1244, washing the image out."""
     v = np.asarray(values)[::4, ::4]
+    if v.ndim == 2 and v.size:
+        inside = v[field_of_view_mask(v, padding)]
+        v = inside if inside.size >= 16 else v.ravel()
     lo, hi = np.percentile(v, [1, 99]) if v.size else (0.0, 1.0)
     return float((lo + hi) / 2), float(max(hi - lo, 1.0))
+
+
+def patient_point(position, orientation, spacing, col: float, row: float) -> tuple[float, float, float]:
+    """Patient coordinates (mm, LPS) of pixel (row, col) centre, PS3.3 C.7.6.2.1.1:
+    P = S + X_xyz * delta_col * col + Y_xyz * delta_row * row, with S = Image Position (Patient),
+    X/Y the row and column direction cosines of Image Orientation (Patient), and Pixel Spacing
+    (delta_row, delta_col)."""
+    s = np.asarray(position, float)
+    x, y = np.asarray(orientation[:3], float), np.asarray(orientation[3:6], float)
+    p = s + x * float(spacing[1]) * col + y * float(spacing[0]) * row
+    return float(p[0]), float(p[1]), float(p[2])
 
 
 class SliceSource:
@@ -137,14 +193,17 @@ class FrameSource(SliceSource):
     kind = "files"
 
     def __init__(self, items: list[tuple[str, int, float | None]], cache_bytes: int = 512 * 2**20,
-                 loader: Callable | None = None, reading_step: int = 1):
+                 loader: Callable | None = None, reading_step: int = 1,
+                 geometry: list[tuple[tuple[float, ...] | None, tuple[float, ...] | None]] | None = None):
         self.items = items
+        # (Image Position, Image Orientation) per item, for patient coordinates under the cursor
+        self.geometry = geometry
         self.cache: OrderedDict[int, SliceData] = OrderedDict()
         self.cache_bytes = cache_bytes
         self._bytes = 0
         self.reading_step = reading_step
-        if loader is None:
-            from engine.dicom.pixels import load_frame
+        if loader is None:  # decoded in the engine's sandboxed child (DESIGN.md 5)
+            from engine.service import load_frame
             loader = load_frame
         self.loader = loader
 
@@ -160,6 +219,11 @@ class FrameSource(SliceSource):
             return self.cache[i]
         path, fi, pos = self.items[i]
         sd = slice_from_frame(self.loader(path, fi), pos, path)
+        sd.frame_index = fi
+        if self.geometry is not None and i < len(self.geometry):
+            ipp, iop = self.geometry[i]
+            sd.image_position = tuple(ipp) if ipp else None  # type: ignore[assignment]
+            sd.image_orientation = tuple(iop) if iop else None
         nbytes = sd.values.nbytes + (sd.stored.nbytes if sd.stored is not None else 0)
         self.cache[i] = sd
         self._bytes += nbytes
@@ -167,6 +231,14 @@ class FrameSource(SliceSource):
             _, old = self.cache.popitem(last=False)
             self._bytes -= old.values.nbytes + (old.stored.nbytes if old.stored is not None else 0)
         return sd
+
+
+def volume_reading_step(volume) -> int:
+    """Index step of 'next image' in a Volume: -1 (head first) when the slice normal points to the
+    head, as radiologists read axial CT; shared by the stack view and the MPR numbering."""
+    d = getattr(volume, "direction", None) or ()
+    normal = np.asarray(d, float)[6:9] if len(d) >= 9 else np.array([0, 0, 1.0])
+    return -1 if normal[2] > 0.5 else 1
 
 
 class VolumeSource(SliceSource):
@@ -183,9 +255,8 @@ class VolumeSource(SliceSource):
                                      "stored": None, "frame": None, "path": ""})
         if volume.window:
             self.template.window = tuple(volume.window)
-        normal = np.asarray(volume.direction, float)[6:9] if len(volume.direction) >= 9 else np.array([0, 0, 1.0])
         # reading order head -> feet: 'next image' goes down the patient when the normal points to the head
-        self.reading_step = -1 if normal[2] > 0.5 else 1
+        self.reading_step = volume_reading_step(volume)
         self.cache_slices = 96
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
@@ -209,11 +280,107 @@ class VolumeSource(SliceSource):
         else:
             self._cache.move_to_end(i)
         t = self.template
-        return SliceData(**{**t.__dict__, "values": v, "position": self.position(i)})
+        return SliceData(**{**t.__dict__, "values": v, "position": self.position(i),
+                            "image_position": self.patient_origin(i),
+                            "image_orientation": tuple(float(x) for x in self.volume.direction[:6]),
+                            **self._file_of(i)})
+
+    def patient_origin(self, i: int) -> tuple[float, float, float] | None:
+        """Patient position of voxel (i, 0, 0): the volume origin moved i slices along the normal."""
+        vol = self.volume
+        try:
+            o = np.asarray(vol.origin, float)
+            n = np.asarray(vol.direction, float)[6:9]
+            p = o + n * float(vol.spacing[0]) * i
+        except (TypeError, ValueError, IndexError):
+            return None
+        return float(p[0]), float(p[1]), float(p[2])
+
+    def _file_of(self, i: int) -> dict:
+        """The file and frame slice ``i`` came from (overlay planes are read from it)."""
+        paths = list(getattr(self.volume, "instance_paths", []) or [])
+        if i >= len(paths):
+            return {}
+        one_file = len(set(paths)) == 1
+        return {"frame_index": i if one_file else 0, "source_file": paths[i]}
 
 
 # --------------------------------------------------------------------------------------------
 # graphics
+class SmoothImageItem(pg.ImageItem):
+    """ImageItem drawn with bilinear filtering while magnified, nearest neighbour otherwise.
+
+    Radiology workstations (Weasis, Horos, RadiAnt, OHIF) interpolate a magnified image by
+    default: nearest neighbour turns each pixel into a visible block at 4x or on a 2x high-DPI
+    screen. At 1:1 (and smaller) nearest neighbour is exact, and ``smoothing = False`` keeps it at
+    every zoom for pixel peeping. The decision is made per paint from the painter's transform, so
+    it follows zoom, rotation and the screen's device pixel ratio.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.smoothing = True
+        self.last_smoothed: bool | None = None      # what the last paint did (tests, diagnostics)
+
+    @staticmethod
+    def device_scale(painter: QPainter) -> float:
+        """Device pixels per image pixel for the painter's current transform."""
+        t = painter.deviceTransform()
+        sx = math.hypot(t.m11(), t.m12())
+        sy = math.hypot(t.m21(), t.m22())
+        return min(sx, sy)
+
+    def paint(self, painter, *args):  # noqa: D102 - Qt API
+        smooth = bool(self.smoothing) and self.device_scale(painter) > 1.01
+        self.last_smoothed = smooth
+        painter.setRenderHint(QPainter.RenderHint.SmoothPixmapTransform, smooth)
+        super().paint(painter, *args)
+
+
+def _is_text_or_list_widget(w: QWidget | None) -> bool:
+    """Widgets whose arrow/Page/Home/End keys do their own job (typing, moving in a list)."""
+    return isinstance(w, (QLineEdit, QTextEdit, QPlainTextEdit, QAbstractSpinBox, QAbstractItemView)) or (
+        isinstance(w, QComboBox) and (w.isEditable() or w.view().isVisible()))
+
+
+class NavigationKeys(QObject):
+    """Slice keys (arrows, Page Up/Down, Home/End) reach the image whatever has focus in the window.
+
+    Clicking a button, slider or check box in a side panel moves keyboard focus there, and the
+    image view stopped receiving the keys until it was clicked again. This application-level filter
+    sends those keys to ``target()`` (the active image view or MPR) while the focus is anywhere in
+    ``window``, except in widgets that use them themselves (text fields, spin boxes, lists and
+    trees). ``target()`` must have ``handle_navigation_key(event) -> bool``.
+    """
+
+    KEYS = {Qt.Key.Key_Up, Qt.Key.Key_Down, Qt.Key.Key_Left, Qt.Key.Key_Right, Qt.Key.Key_PageUp,
+            Qt.Key.Key_PageDown, Qt.Key.Key_Home, Qt.Key.Key_End}
+
+    def __init__(self, window: QWidget, target: Callable[[], object]):
+        super().__init__(window)
+        self.window, self.target = window, target
+        app = QApplication.instance()
+        if app is not None:
+            app.installEventFilter(self)
+
+    def eventFilter(self, obj, ev):  # noqa: N802 - Qt API
+        if ev.type() != QEvent.Type.KeyPress or ev.key() not in self.KEYS:
+            return False
+        fw = QApplication.focusWidget()
+        if fw is None or obj is not fw or _is_text_or_list_widget(fw):
+            return False
+        try:
+            if fw.window() is not self.window:
+                return False
+            view = self.target()
+        except RuntimeError:      # a deleted widget during shutdown
+            return False
+        if view is None or fw is view or (isinstance(view, QWidget) and view.isAncestorOf(fw)):
+            return False          # the view has focus: its own key handling runs
+        handler = getattr(view, "handle_navigation_key", None)
+        return bool(handler is not None and handler(ev))
+
+
 class ChestViewBox(pg.ViewBox):
     """ViewBox with radiology mouse bindings: right-drag W/L, left = current tool (pan by
     default), middle-drag pan, wheel = slices (zoom with Ctrl or on single images)."""
@@ -303,9 +470,10 @@ class ImageView(QWidget):
         self.graphics.setCentralItem(self.view_box)
         self.content = pg.ItemGroup()
         self.view_box.addItem(self.content, ignoreBounds=True)
-        self.image_item = pg.ImageItem(axisOrder="row-major")
+        self.image_item = SmoothImageItem(axisOrder="row-major")
         self.view_box.addItem(self.image_item)
         self.image_item.setParentItem(self.content)
+        self.overlay_planes = OverlayPlaneLayer(self)      # DICOM 60xx overlays (PS3.3 C.9.2)
         self.overlay = CornerOverlay(self)
         lay = QStackedLayout(self)
         lay.setStackingMode(QStackedLayout.StackingMode.StackAll)
@@ -327,9 +495,14 @@ class ImageView(QWidget):
         self._shape: tuple[int, int] | None = None
         self._annotations = True
         self.fps = 10.0
+        self.user_fps = 10.0              # the user's choice, used when a series has no frame time
         self.cine = QTimer(self)
+        self.cine.setTimerType(Qt.TimerType.PreciseTimer)
         self.cine.timeout.connect(lambda: self.step_slices(1, wrap=True))
         self._last_cursor: tuple[float, float] | None = None
+        self._series_windows: dict[str, tuple[float, float]] = {}   # window chosen per series
+        self.message = ""                 # inline error shown in the image area (no modal box)
+        self.window_committed.connect(self._remember_series_window)
         self.graphics.scene().sigMouseMoved.connect(self._on_mouse_moved)
         self.view_box.sigRangeChanged.connect(lambda *_: self._view_changed())
         self.graphics.installEventFilter(self)
@@ -340,6 +513,7 @@ class ImageView(QWidget):
         """Show a new stack; ``index`` defaults to the first image in reading order."""
         self.stop_cine()
         self.measurements.clear()
+        self.set_message("")
         self.source = source
         self.meta = meta or SeriesMeta()
         n = len(source)
@@ -348,9 +522,16 @@ class ImageView(QWidget):
         self._index = int(min(max(index, 0), n - 1))
         self._data = source.get(self._index)
         if window is None:
-            window = self._data.window or default_window(self._data.values)
+            # a window chosen on this series earlier in the session, else the series' own default
+            # (never another series' preset: a bone window must not follow the user to the next patient)
+            window = self._series_windows.get(self.meta.series_uid) if self.meta.series_uid else None
+        if window is None:
+            window = self.default_window()
         self.center, self.width = float(window[0]), float(max(window[1], 1.0))
         self.use_voi_lut = self._data.voi_lut_default and window == self._data.window
+        self.fps = self.series_fps() or self.user_fps
+        self._last_cursor = None
+        self.cursor_info.emit("")
         if not keep_view:
             self.inverted, self.rotation, self.flip_h, self.flip_v = False, 0, False, False
         self._shape = None
@@ -359,6 +540,7 @@ class ImageView(QWidget):
         if not keep_view:
             self.fit()
         self._update_annotations()
+        self.overlay_planes.refresh()
         self.stack_changed.emit()
         self.slice_changed.emit(self._index)
 
@@ -369,15 +551,27 @@ class ImageView(QWidget):
         self._data = source.get(self._index)
         self._render()
         self._update_annotations()
+        self.overlay_planes.refresh()
         self.stack_changed.emit()
 
-    def clear(self) -> None:
+    def clear(self, message: str = "") -> None:
+        """No image; ``message`` (e.g. why the series could not be decoded) is shown in its place."""
         self.stop_cine()
         self.measurements.clear()
         self.source, self._data, self._shape = None, None, None
         self.image_item.clear()
+        self.overlay_planes.refresh()
         self.overlay.set_texts({})
         self.overlay.set_edges({})
+        self._edges_key = None
+        self._last_cursor = None
+        self.cursor_info.emit("")
+        self.set_message(message)
+
+    def set_message(self, text: str) -> None:
+        """Inline message in the image area (decode errors): never a modal box that blocks reading."""
+        self.message = text
+        self.overlay.set_message(text)
 
     def n_slices(self) -> int:
         return len(self.source) if self.source is not None else 0
@@ -421,6 +615,8 @@ class ImageView(QWidget):
         self._data = data
         self._render()
         self._update_annotations()
+        self.overlay_planes.refresh()
+        self._refresh_readout()
         self.slice_changed.emit(i)
 
     def step_slices(self, steps: int, wrap: bool = False) -> None:
@@ -494,10 +690,27 @@ class ImageView(QWidget):
         return out
 
     def default_window(self) -> tuple[float, float]:
+        """The header's window (or VOI LUT); without one, computed from the pixels inside the field
+        of view (``default_window``), since the engine's fallback counts the padding."""
         d = self._data
         if d is None:
             return self.center, self.width
-        return tuple(d.window) if d.window else default_window(d.values)  # type: ignore[return-value]
+        if d.window and (d.window_from_header or d.is_color):
+            return tuple(d.window)  # type: ignore[return-value]
+        return default_window(d.values, self._padding(d))
+
+    def _padding(self, d: SliceData) -> tuple[float, float | None] | None:
+        """Pixel Padding Value / Range Limit of the series in displayed units (Modality LUT applied)."""
+        pad = self.meta.pixel_padding
+        if pad is None:
+            return None
+        slope, icpt = d.rescale
+        conv = (lambda x: None if x is None else float(x) * slope + icpt)
+        return conv(pad[0]), conv(pad[1])
+
+    def _remember_series_window(self, c: float, w: float) -> None:
+        if self.meta.series_uid:
+            self._series_windows[self.meta.series_uid] = (float(c), float(w))
 
     def apply_preset(self, number: int) -> bool:
         """0 = the header default (or computed) window; 1..9 = presets()[number-1]."""
@@ -528,9 +741,12 @@ class ImageView(QWidget):
         rows, cols = self._data.values.shape[:2]
         sp = self._data.pixel_spacing
         aspect = (sp[0] / sp[1]) if sp and sp[1] > 0 else 1.0
+        # QTransform composes right to left: a point is centred, aspect-corrected, rotated, then
+        # flipped. Flips act on the screen (H mirrors left-right whatever the rotation), as in
+        # every workstation; before, a flip applied first became a vertical flip after R.
         t = QTransform()
-        t.rotate(self.rotation)
         t.scale(-1.0 if self.flip_h else 1.0, -1.0 if self.flip_v else 1.0)
+        t.rotate(self.rotation)
         t.scale(1.0, aspect)
         t.translate(-cols / 2.0, -rows / 2.0)
         self.content.setTransform(t)
@@ -539,6 +755,11 @@ class ImageView(QWidget):
         self._update_annotations()
 
     def rotate(self, degrees: int) -> None:
+        """Rotate what is on screen clockwise by ``degrees``. With one flip active the image turns
+        the other way under the flip (flip . rot(a) = rot(-a) . flip), so the stored rotation
+        changes by ``-degrees``."""
+        if self.flip_h != self.flip_v:
+            degrees = -degrees
         self.rotation = (self.rotation + degrees) % 360
         self._apply_transform()
         self.fit()
@@ -591,27 +812,57 @@ class ImageView(QWidget):
         item.setParentItem(self.content)
 
     # -- cine ----------------------------------------------------------------------------
+    def series_fps(self) -> float | None:
+        """Frame rate of the acquisition: Frame Time (0018,1063) or the mean of Frame Time Vector
+        (0018,1065), else Recommended Display Frame Rate (0008,2144) or Cine Rate (0018,0040)
+        (PS3.3 C.7.6.5 Cine Module); None when the header has none."""
+        ms = self.meta.frame_time_ms
+        if ms and ms > 0:
+            return float(max(0.5, min(1000.0 / ms, 120.0)))
+        return float(self.meta.cine_rate) if self.meta.cine_rate and self.meta.cine_rate > 0 else None
+
     def set_fps(self, fps: float) -> None:
-        self.fps = float(max(0.5, min(fps, 60.0)))
+        """The user's cine speed: applies now and to series without a frame time in the header."""
+        self.user_fps = self.fps = float(max(0.5, min(fps, 120.0)))
         if self.cine.isActive():
-            self.cine.start(int(1000 / self.fps))
+            self.cine.start(self._cine_interval_ms())
+        self._update_annotations()
+
+    def _cine_interval_ms(self) -> int:
+        return max(1, int(round(1000.0 / self.fps)))
 
     def start_cine(self, fps: float | None = None) -> None:
         if fps:
             self.set_fps(fps)
         if self.n_slices() > 1:
-            self.cine.start(int(1000 / self.fps))
+            self.cine.start(self._cine_interval_ms())
+            self._update_annotations()
 
     def stop_cine(self) -> None:
-        self.cine.stop()
+        if self.cine.isActive():
+            self.cine.stop()
+            self._update_annotations()
 
     def toggle_cine(self) -> None:
         self.stop_cine() if self.cine.isActive() else self.start_cine()
+
+    # -- display options -------------------------------------------------------------------
+    def set_smoothing(self, on: bool) -> None:
+        """Bilinear filtering while magnified (default) or nearest neighbour (pixel peeping)."""
+        self.image_item.smoothing = bool(on)
+        self.image_item.update()
+
+    def smoothing(self) -> bool:
+        return bool(self.image_item.smoothing)
+
+    def set_overlay_planes_visible(self, on: bool) -> None:
+        self.overlay_planes.set_visible(on)
 
     # -- tools ---------------------------------------------------------------------------
     def set_tool(self, tool: str) -> None:
         """'pan' | 'wl' | 'distance' | 'angle' | 'ellipse' | 'rect'."""
         self.measurements.cancel_draft()
+        self.measurements.set_editable(tool not in MeasurementLayer.TOOLS)
         self.tool = tool
         cursor = Qt.CursorShape.OpenHandCursor if tool == "pan" else Qt.CursorShape.CrossCursor
         self.graphics.viewport().setCursor(cursor)
@@ -629,11 +880,13 @@ class ImageView(QWidget):
         if d is None:
             return {}
         rows, cols = d.values.shape[:2]
+        fps = self.fps if (self.cine.isActive() or self.series_fps()) and self.n_slices() > 1 else None
         return corner_texts(self.meta, slice_index=self._reading_number(), n_slices=self.n_slices(),
                             position=d.position, center=None if d.is_color else self.center,
                             width=None if d.is_color else self.width, zoom=self.zoom(), rows=rows,
                             cols=cols, spacing=d.pixel_spacing, is_volume_ct=self.modality() == "CT",
-                            inverted=self.inverted, voi_lut=self.use_voi_lut)
+                            inverted=self.inverted, voi_lut=self.use_voi_lut, fps=fps,
+                            cine_running=self.cine.isActive())
 
     def _reading_number(self) -> int:
         """0-based image number in reading order (head first for axial CT)."""
@@ -674,9 +927,19 @@ class ImageView(QWidget):
             txt += f"   HU {float(d.values[r, c]):.0f}"
         elif d.rescale != (1.0, 0.0):
             txt += f"   value {float(d.values[r, c]):.1f}"
-        if d.pixel_spacing:
-            txt += f"   ({c * d.pixel_spacing[1]:.1f}, {r * d.pixel_spacing[0]:.1f}) mm"
+        pp = self.patient_position_at(c, r)
+        if pp is not None:
+            txt += f"   patient ({pp[0]:.1f}, {pp[1]:.1f}, {pp[2]:.1f}) mm"
         return txt
+
+    def patient_position_at(self, col: float, row: float) -> tuple[float, float, float] | None:
+        """Patient coordinates (LPS mm) of a pixel of the displayed slice; None without geometry
+        (projection radiographs have no Image Position/Orientation (Patient))."""
+        d = self._data
+        if d is None or d.image_position is None or d.image_orientation is None or not d.pixel_spacing \
+                or len(d.image_orientation) < 6:
+            return None
+        return patient_point(d.image_position, d.image_orientation, d.pixel_spacing, col, row)
 
     def _on_mouse_moved(self, scene_pos: QPointF) -> None:
         if self._data is None:
@@ -684,6 +947,12 @@ class ImageView(QWidget):
         p = self.image_item.mapFromScene(scene_pos)
         self._last_cursor = (p.x(), p.y())
         self.cursor_info.emit(self.readout_at(p.x(), p.y()))
+
+    def _refresh_readout(self) -> None:
+        """The readout belongs to the displayed image: recomputed when the slice changes under a
+        still cursor, so the status bar never shows the previous image's value."""
+        if self._last_cursor is not None and self._data is not None:
+            self.cursor_info.emit(self.readout_at(*self._last_cursor))
 
     # -- keyboard ------------------------------------------------------------------------
     def eventFilter(self, obj, ev):  # noqa: N802
@@ -694,6 +963,10 @@ class ImageView(QWidget):
     def keyPressEvent(self, ev):  # noqa: N802
         if not self._handle_key(ev):
             super().keyPressEvent(ev)
+
+    def handle_navigation_key(self, ev) -> bool:
+        """Slice keys delivered by ``NavigationKeys`` while another widget has focus."""
+        return self._handle_key(ev)
 
     def _handle_key(self, ev) -> bool:
         k = ev.key()

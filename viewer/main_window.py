@@ -24,7 +24,8 @@ from PySide6.QtWidgets import (QDialog, QDialogButtonBox, QDockWidget, QFileDial
 from engine.dicom.records import IndexResult, SeriesRecord
 from engine.results import RESEARCH_USE
 from viewer.annotations import SeriesMeta, meta_from_dataset
-from viewer.image_view import FrameSource, ImageView, VolumeSource
+from viewer.image_view import FrameSource, ImageView, NavigationKeys, VolumeSource
+from viewer.layouts import HangingController, ViewportGrid
 from viewer.mpr_view import MPRView
 from viewer.qt_workers import TaskRunner
 from viewer.settings_store import SettingsStore
@@ -32,6 +33,7 @@ from viewer.study_browser import StudyBrowser
 from viewer.style import ICON_DIR
 from viewer.tag_browser import TagBrowser
 from viewer.thumbnails import ThumbnailLoader
+from viewer.workers import install_gui_wait_hook, warm_up_decoder
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,7 @@ def _series_items(series: SeriesRecord) -> tuple[list[tuple[str, int, float | No
 
 class MainWindow(QMainWindow):
     series_opened = Signal(object)       # SeriesRecord, after it is displayed
+    series_selected = Signal(object)     # SeriesRecord, as soon as it is chosen (before decoding)
     index_loaded = Signal(object)        # IndexResult of one open_path call
     volume_loaded = Signal(object)       # engine Volume of the current CT series
 
@@ -89,6 +92,8 @@ class MainWindow(QMainWindow):
         self.resize(1400, 900)
         self.settings = settings or SettingsStore()
         self.runner = TaskRunner(self, max_threads=2)
+        install_gui_wait_hook()                       # sandboxed decodes keep the window answering
+        self.runner.submit(warm_up_decoder, on_error=lambda e: log.info("decoder warm-up: %s", e))
         self.index = IndexResult()
         self.current_series: SeriesRecord | None = None
         self.current_meta = SeriesMeta()
@@ -100,7 +105,8 @@ class MainWindow(QMainWindow):
         self.image_view = ImageView()
         self.mpr_view = MPRView()
         self.central = QStackedWidget()
-        self.central.addWidget(self.image_view)
+        self.viewports = ViewportGrid(self.image_view, runner=self.runner)   # viewport 0 = image_view
+        self.central.addWidget(self.viewports)
         self.central.addWidget(self.mpr_view)
         self.setCentralWidget(self.central)
 
@@ -113,8 +119,8 @@ class MainWindow(QMainWindow):
         self.findings_dock = self._dock("AI findings", "findings_dock", placeholder,
                                         Qt.DockWidgetArea.RightDockWidgetArea)
         self.tag_browser = TagBrowser()
-        self.tags_dock = self._dock("DICOM tags", "tags_dock", self.tag_browser, Qt.DockWidgetArea.RightDockWidgetArea)
-        self.tabifyDockWidget(self.findings_dock, self.tags_dock)
+        # its own dock along the bottom (wide enough for the Value column), never a tab of the AI panel
+        self.tags_dock = self._dock("DICOM tags", "tags_dock", self.tag_browser, Qt.DockWidgetArea.BottomDockWidgetArea)
         self.findings_dock.raise_()
         self.tags_dock.hide()
         self.tags_dock.visibilityChanged.connect(lambda vis: vis and self._update_tags())
@@ -152,17 +158,26 @@ class MainWindow(QMainWindow):
         self._build_actions()
         self._build_menus()
         self._build_toolbar()
+        self.hanging = HangingController(self)
         self._restore_layout()
+        if self.tags_dock in self.tabifiedDockWidgets(self.findings_dock):   # a layout saved by 1.x
+            self.addDockWidget(Qt.DockWidgetArea.BottomDockWidgetArea, self.tags_dock)
+        # slice keys reach the active image whatever side-panel widget was clicked last
+        self._nav_keys = NavigationKeys(self, self._navigation_target)
 
         try:
             from viewer.ai_controller import AIController
             self.ai = AIController(self)
+            from viewer.ct_quant_overlay import CTQuantOverlay   # CT opacity map on the stack and MPR views
+            self.ct_quant_overlay = CTQuantOverlay(self.image_view, self.mpr_view, self.ai.panel, parent=self)
         except ImportError:
             self.ai = None
         except Exception as exc:  # noqa: BLE001 - the viewer must stay usable without the AI
             log.warning("AI panel disabled: %s", exc)
             self.ai = None
             self.show_message("AI panel disabled", f"The AI panel could not start: {exc}")
+        from viewer.trend_panel import TrendController   # the patient's AI results over time
+        self.trend = TrendController(self) if self.ai is not None else None
 
     # ---------------------------------------------------------------------------------------
     # construction helpers
@@ -193,7 +208,7 @@ class MainWindow(QMainWindow):
         return a
 
     def _build_actions(self) -> None:
-        iv = self.image_view
+        iv = self.viewports.active_proxy()      # view actions act on the active viewport
         A = self._act
         self.act_open = A("&Open folder…", self.open_folder_dialog, "Ctrl+O", "open")
         self.act_open_file = A("Open &DICOMDIR / ZIP / file…", self.open_file_dialog, "Ctrl+Shift+O", "open-file")
@@ -219,6 +234,12 @@ class MainWindow(QMainWindow):
         self.act_annot.setChecked(self.settings.annotations_visible())
         iv.set_annotations_visible(self.act_annot.isChecked())
         self.act_cine = A("&Cine play/pause", iv.toggle_cine, "C", "cine", checkable=True)
+        self.act_smooth = A("&Smooth when magnified", lambda on: iv.set_smoothing(on), "S", checkable=True,
+                            tip="Bilinear interpolation when zoomed in; off = nearest neighbour (pixel peeping)")
+        self.act_smooth.setChecked(True)
+        self.act_overlay_planes = A("DICOM &overlays", lambda on: iv.set_overlay_planes_visible(on), "O",
+                                    checkable=True, tip="Show the image's DICOM overlay planes (60xx)")
+        self.act_overlay_planes.setChecked(True)
         self.act_mpr = A("&MPR (axial / coronal / sagittal)", self._toggle_mpr, "M", "mpr", checkable=True)
         self.act_mpr.setEnabled(False)
         self.act_tags = A("DICOM &tags", self._toggle_tags, "Ctrl+T", "tags")
@@ -287,7 +308,7 @@ class MainWindow(QMainWindow):
         m.addActions([self.act_invert, self.act_rot_r, self.act_rot_l, self.act_flip_h, self.act_flip_v,
                       self.act_reset])
         m.addSeparator()
-        m.addActions([self.act_annot, self.act_mpr])
+        m.addActions([self.act_annot, self.act_mpr, self.act_smooth, self.act_overlay_planes])
         m.addSeparator()
         m.addActions([self.act_cine])
         fm = m.addMenu("Cine &speed")
@@ -392,7 +413,13 @@ class MainWindow(QMainWindow):
         self._busy(False)
         self._merge_index(result)
         self.browser.set_index(self.index)
-        self.thumbs.request(self.index.all_series())
+        # thumbnails decode in worker threads: started after the first image is painted, so they
+        # do not compete with it for the GIL on a 2-core machine (bench/bench_viewer_start.py)
+        later = QTimer(self)              # a child: never fires after the window is gone
+        later.setSingleShot(True)
+        later.timeout.connect(lambda: self.thumbs.request(self.index.all_series()))
+        later.timeout.connect(later.deleteLater)
+        later.start(250)
         n_series = len(result.all_series())
         msg = f"{Path(path).name}: {n_series} series from {result.files_seen} file(s)"
         if result.problems:
@@ -404,11 +431,8 @@ class MainWindow(QMainWindow):
             self.show_message("Nothing to show", f"No readable DICOM series in {Path(path).name}: {reason}")
             return
         if select:
-            # images first: an SR or presentation state (no pixels) is never the first thing shown
-            ranked = sorted(result.all_series(), key=lambda se: (se.rows == 0, se.kind == "other"))
-            for se in ranked[:3]:
-                if self.select_series(se.series_uid):
-                    break
+            # the chest hanging (engine.hanging): frontal radiograph / axial CT first, prior beside it
+            self.hanging.hang(result)
 
     def _merge_index(self, new: IndexResult) -> None:
         """Add a new IndexResult to ``self.index`` (same patient/study/series merged, not duplicated)."""
@@ -463,20 +487,22 @@ class MainWindow(QMainWindow):
             return False
         self.current_series = series
         self.current_volume = None
+        self.series_selected.emit(series)
         self.act_mpr.setEnabled(False)
         if self.central.currentWidget() is self.mpr_view:
-            self.central.setCurrentWidget(self.image_view)
+            self.central.setCurrentWidget(self.viewports)
         self.browser.select(series_uid)
         meta = SeriesMeta(modality=series.modality, series_description=series.series_description,
                           series_number=str(series.series_number or ""))
         try:
-            from engine.dicom.pixels import read_header
+            from engine.service import read_header
             meta = meta_from_dataset(read_header(series.instances[0].path))
         except Exception as exc:  # noqa: BLE001 - annotations are optional, the image is not
             log.info("header unreadable for the annotations: %s", getattr(exc, "reason", exc))
         self.current_meta = meta
         items, step = _series_items(series)
-        source = FrameSource(items, reading_step=step)
+        geo = {i.path: (i.image_position, i.image_orientation) for i in series.instances}
+        source = FrameSource(items, reading_step=step, geometry=[geo.get(p, (None, None)) for p, _, _ in items])
         start = len(items) - 1 if step < 0 else 0
         if series.kind == "ct" and len(items) > 1:
             start = len(items) // 2      # the middle of a chest CT shows lung at once
@@ -491,19 +517,22 @@ class MainWindow(QMainWindow):
             except Exception as exc:  # noqa: BLE001 - LoadError by contract; anything else is shown too
                 error = error or exc
         if first is None:
-            self.image_view.clear()
             name = Path(str(getattr(error, "path", "") or items[start][0]).split("::")[-1]).name
-            self.show_message("Could not display the image", f"{name}: {getattr(error, 'reason', error)}")
+            text = f"{name}: {getattr(error, 'reason', error)}"
+            # inline in the image area and the status bar: a modal box would block navigation
+            self.image_view.clear(f"Could not display this image.\n{text}")
+            self.last_message = f"Could not display the image: {text}"
+            self.statusBar().showMessage(self.last_message, 15000)
             return False
         if error is not None:
             self.statusBar().showMessage(f"Some images could not be read: {getattr(error, 'reason', error)}", 15000)
-        window = None
-        if first.modality == "CT" or series.kind == "ct":
-            window = self.settings.last_window("CT")
-        self.image_view.set_stack(source, meta, index=start, window=window)
+        # each series opens at its own default window (or the one chosen on it earlier): a preset
+        # pressed on one patient never carries over to the next (viewer.image_view.set_stack)
+        self.image_view.set_stack(source, meta, index=start)
         self.image_view.setFocus()
         self.setWindowTitle(f"ChestView — {meta.patient_name or series.patient_id} — "
-                            f"{series.modality} {series.series_description}  ({RESEARCH_USE})")
+                            f"{series.modality} {meta.series_description or series.series_description}  "
+                            f"({RESEARCH_USE})")
         self._tags_timer.start()
         if series.kind == "ct" and len(items) > 2:
             self._load_volume(series)
@@ -511,7 +540,7 @@ class MainWindow(QMainWindow):
         return True
 
     def _load_volume(self, series: SeriesRecord) -> None:
-        from engine.dicom.volume import load_volume
+        from engine.service import load_volume
 
         uid = series.series_uid
         self._busy(True, "Loading CT volume…")
@@ -573,10 +602,17 @@ class MainWindow(QMainWindow):
             self.act_mpr.setChecked(True)
         else:
             mode = "stack"
-            self.central.setCurrentWidget(self.image_view)
+            self.central.setCurrentWidget(self.viewports)
             self.image_view.setFocus()
             self.act_mpr.setChecked(False)
         self.settings.set_layout_mode(mode)
+
+    def _navigation_target(self):
+        """The view that slice keys move: the MPR when shown, else the active viewport."""
+        if self.central.currentWidget() is self.mpr_view:
+            return self.mpr_view
+        vp = getattr(self, "viewports", None)
+        return vp.active_view() if vp is not None else self.image_view
 
     def layout_mode(self) -> str:
         return "mpr" if self.central.currentWidget() is self.mpr_view else "stack"
@@ -601,7 +637,7 @@ class MainWindow(QMainWindow):
             if self.image_view.apply_preset(n):
                 self.mpr_view.set_window(*self.image_view.window())
         else:
-            self.image_view.apply_preset(n)
+            self.viewports.active_view().apply_preset(n)
 
     def _remember_window(self, c: float, w: float) -> None:
         mod = self.image_view.modality()
@@ -609,7 +645,7 @@ class MainWindow(QMainWindow):
             self.settings.set_last_window(mod, c, w)
 
     def set_tool(self, tool: str) -> None:
-        self.image_view.set_tool(tool)
+        self.viewports.set_tool(tool)
         a = self.tool_actions.get(tool)
         if a is not None and not a.isChecked():
             a.setChecked(True)
@@ -652,7 +688,7 @@ class MainWindow(QMainWindow):
         if not path:
             return
         try:
-            from engine.dicom.pixels import read_header
+            from engine.service import read_header
             ds = read_header(path)
         except Exception as exc:  # noqa: BLE001 - shown, never raised
             self.tag_browser.set_dataset(None, f"Cannot read header: {getattr(exc, 'reason', exc)}")
@@ -688,7 +724,8 @@ class MainWindow(QMainWindow):
             return
         box = QMessageBox(QMessageBox.Icon.Information, title, text, QMessageBox.StandardButton.Ok, self)
         box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
-        box.open()
+        box.setWindowModality(Qt.WindowModality.NonModal)   # open() would be window-modal: reading goes on
+        box.show()
 
     def shortcut_rows(self) -> list[tuple[str, str]]:
         rows = []
@@ -768,4 +805,6 @@ class MainWindow(QMainWindow):
         self.image_view.stop_cine()
         self.thumbs.cancel()
         self.runner.cancel_all()
+        if getattr(self, "trend", None) is not None:
+            self.trend.shutdown()
         super().closeEvent(ev)

@@ -122,6 +122,12 @@ class Measurement(QObject):
         for it in self.items + [self.label]:
             it.setVisible(on)
 
+    def set_editable(self, on: bool) -> None:
+        """Whether the shape and its handles take the mouse (see ``MeasurementLayer.set_editable``)."""
+        # pyqtgraph's scene skips disabled items (and their handles) for hover, click and drag
+        for it in self.items:
+            it.setEnabled(on)
+
     def update_text(self) -> None:
         raise NotImplementedError
 
@@ -259,6 +265,7 @@ class MeasurementLayer(QObject):
         self._draft: Measurement | None = None
         self._angle_pts: list[tuple[float, float]] = []
         self._angle_preview: pg.PlotCurveItem | None = None
+        self.editable = True
 
     # context from the view
     def spacing(self) -> Spacing:
@@ -274,8 +281,17 @@ class MeasurementLayer(QObject):
         return "HU" if self.view.modality() == "CT" else ""
 
     # creation API (also used by the mouse handlers)
+    def set_editable(self, on: bool) -> None:
+        """Finished measurements take the mouse only when no drawing tool is active. While one is,
+        a drag must draw: the third click of an angle leaves the pointer on that angle's handle,
+        and the next drag moved the handle (editing the finished angle) instead of drawing."""
+        self.editable = bool(on)
+        for m in self.items:
+            m.set_editable(self.editable)
+
     def _add(self, m: Measurement) -> Measurement:
         m.add_to(self.view.content)
+        m.set_editable(self.editable)
         m.update_text()
         m.changed.connect(self.changed)
         self.items.append(m)

@@ -5,7 +5,10 @@ Orientation (radiological convention, LPS patient axes, PS3.3 C.7.6.2.1.1): axia
 (patient right on screen left, anterior up); coronal and sagittal with the head up (the volume's
 index 0 is the most inferior slice, so rows are reversed); sagittal with anterior on the left.
 Each image is scaled to millimetres (``QTransform.fromScale(col_mm, row_mm)``) so slice
-thickness and in-plane spacing give the true aspect ratio.
+thickness and in-plane spacing give the true aspect ratio. Coronal and sagittal reformats are
+resampled along z to the in-plane spacing with linear interpolation (``resample_rows``): drawn
+as-is, each thick slice became a visible step. Slice numbers are those of the stack view (reading
+order, ``viewer.image_view.volume_reading_step``) and the slab MIP thickness is in millimetres.
 """
 from __future__ import annotations
 
@@ -13,12 +16,42 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QPointF, Qt, Signal
 from PySide6.QtGui import QTransform
-from PySide6.QtWidgets import (QCheckBox, QGridLayout, QHBoxLayout, QLabel, QSpinBox, QVBoxLayout,
+from PySide6.QtWidgets import (QCheckBox, QDoubleSpinBox, QGridLayout, QHBoxLayout, QLabel, QVBoxLayout,
                                QWidget)
+
+from viewer.image_view import volume_reading_step
 
 
 PLANES = ("axial", "coronal", "sagittal")
 COLORS = {"axial": (240, 200, 60), "coronal": (80, 220, 120), "sagittal": (90, 170, 255)}
+
+
+AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
+
+
+def slab_voxels(thickness_mm: float, spacing_mm: float) -> int:
+    """Voxels of a slab of ``thickness_mm`` centred on one voxel: the centre voxel plus those whose
+    centres lie within half the thickness on each side (always odd, at least 1)."""
+    if thickness_mm <= 0 or spacing_mm <= 0:
+        return 1
+    half = int(np.floor(thickness_mm / 2.0 / spacing_mm + 1e-6))
+    return 2 * half + 1
+
+
+def resample_rows(img: np.ndarray, src_mm: float, dst_mm: float) -> np.ndarray:
+    """Linear interpolation along axis 0 from rows ``src_mm`` apart to rows ``dst_mm`` apart over
+    the same height (pixel centres at (i + 0.5) * spacing; edges clamp to the first/last row)."""
+    n = img.shape[0]
+    if n < 2 or dst_mm <= 0 or src_mm <= dst_mm * 1.01:
+        return img
+    m = max(1, int(round(n * src_mm / dst_mm)))
+    u = (np.arange(m, dtype=np.float64) + 0.5) * (n * src_mm / m) / src_mm - 0.5
+    u = np.clip(u, 0.0, n - 1.0)
+    i0 = np.floor(u).astype(np.intp)
+    i1 = np.minimum(i0 + 1, n - 1)
+    w = (u - i0).astype(np.float32)[:, None]
+    a = img.astype(np.float32, copy=False)
+    return a[i0] * (1.0 - w) + a[i1] * w
 
 
 def plane_image(hu: np.ndarray, plane: str, index: int, slab: int = 1) -> np.ndarray:
@@ -132,24 +165,28 @@ class MPRView(QWidget):
 
     position_changed = Signal(int, int, int)
     window_changed = Signal(float, float)
+    planes_refreshed = Signal(object)      # tuple of plane names redrawn (overlays follow, e.g. ct_quant_overlay)
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
         self.volume = None
         self.position = (0, 0, 0)
         self.center, self.width = -600.0, 1500.0
-        self.slab = 1
+        self.slab = 1                 # axial slab in voxels (derived from slab_mm)
+        self.slab_mm = 0.0            # slab MIP thickness; 0 = no slab
         self.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
         self.panes = {p: MPRPane(self, p) for p in PLANES}
         self.info = QLabel("")
         self.info.setStyleSheet("color: #d0d0b0; font-family: monospace; background: transparent;")
         self.info.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
         self.mip_box = QCheckBox("Slab MIP")
-        self.slab_spin = QSpinBox()
-        self.slab_spin.setRange(3, 101)
-        self.slab_spin.setSingleStep(2)
-        self.slab_spin.setValue(9)
-        self.slab_spin.setSuffix(" voxels")
+        self.slab_spin = QDoubleSpinBox()
+        self.slab_spin.setRange(1.0, 200.0)
+        self.slab_spin.setDecimals(1)
+        self.slab_spin.setSingleStep(2.0)
+        self.slab_spin.setValue(10.0)
+        self.slab_spin.setSuffix(" mm")
+        self.slab_spin.setToolTip("Slab thickness in millimetres (rounded to whole slices of each plane)")
         self.mip_box.toggled.connect(self._slab_changed)
         self.slab_spin.valueChanged.connect(self._slab_changed)
         ctl = QWidget()
@@ -197,14 +234,19 @@ class MPRView(QWidget):
         hu = self.volume.hu
         sz, sy, sx = self._spacing()
         z, y, x = self.position
-        slab = self.slab
         idx = {"axial": z, "coronal": y, "sagittal": x}
         mm = {"axial": (sx, sy), "coronal": (sx, sz), "sagittal": (sy, sz)}
         for plane in planes:
-            img = plane_image(hu, plane, idx[plane], slab).astype(np.float32)  # pyqtgraph fast path
-            self.panes[plane].set_image(img, *mm[plane], self._levels(), None)
+            img = plane_image(hu, plane, idx[plane], self.slab_for(plane))
+            col_mm, row_mm = mm[plane]
+            if plane != "axial":          # rows are slices: interpolate to the in-plane spacing
+                img = resample_rows(img, row_mm, col_mm)
+                row_mm = sz * hu.shape[0] / img.shape[0]
+            img = img.astype(np.float32, copy=False)     # pyqtgraph fast path
+            self.panes[plane].set_image(img, col_mm, row_mm, self._levels(), None)
         self._update_crosshair()
         self._update_info()
+        self.planes_refreshed.emit(tuple(planes))
 
     def _update_crosshair(self) -> None:
         nz = self.volume.hu.shape[0]
@@ -218,18 +260,33 @@ class MPRView(QWidget):
         self.panes["sagittal"].vline.setPos((y + 0.5) * sy)
         self.panes["sagittal"].hline.setPos(zr)
 
+    def slab_for(self, plane: str) -> int:
+        """Voxels across the slab for ``plane`` (its own axis spacing; 1 = no slab)."""
+        if self.slab_mm <= 0 or self.volume is None:
+            return 1
+        return slab_voxels(self.slab_mm, self._spacing()[AXES[plane]])
+
+    def reading_number(self, z: int) -> int:
+        """1-based axial image number as the stack view counts it ('Im n/N', head first)."""
+        nz = self.volume.hu.shape[0]
+        return nz - z if volume_reading_step(self.volume) < 0 else z + 1
+
     def _update_info(self) -> None:
         nz, ny, nx = self.volume.hu.shape
         z, y, x = self.position
         sz, sy, sx = self._spacing()
         hu = float(self.volume.hu[z, y, x])
         pos = self.volume.positions[z] if len(self.volume.positions) > z else z * sz
+        slab = ""
+        if self.slab_mm > 0:
+            n = self.slab_for("axial")
+            slab = f"\nSlab MIP {self.slab_mm:g} mm (axial {n} slice{'s' if n > 1 else ''}, {n * sz:.1f} mm)"
         self.info.setText(
-            f"Axial    {z + 1:>4}/{nz}   z {pos:.1f} mm\n"
+            f"Axial    {self.reading_number(z):>4}/{nz}   z {pos:.1f} mm\n"
             f"Coronal  {y + 1:>4}/{ny}\nSagittal {x + 1:>4}/{nx}\n"
             f"Voxel {sx:.2f} x {sy:.2f} x {sz:.2f} mm\n"
             f"HU at crosshair: {hu:.0f}\n"
-            f"W: {self.width:.0f}  L: {self.center:.0f}" + (f"\nSlab MIP {self.slab} voxels" if self.slab > 1 else ""))
+            f"W: {self.width:.0f}  L: {self.center:.0f}" + slab)
 
     # -- interaction ---------------------------------------------------------------------
     def set_position(self, z: int, y: int, x: int) -> None:
@@ -276,12 +333,20 @@ class MPRView(QWidget):
             self._update_info()
         self.window_changed.emit(self.center, self.width)
 
-    def set_slab(self, voxels: int) -> None:
-        self.slab = max(1, int(voxels))
+    def set_slab_mm(self, thickness_mm: float) -> None:
+        """Slab MIP of ``thickness_mm`` (0 = single slice) in every plane."""
+        self.slab_mm = max(0.0, float(thickness_mm))
+        self.slab = self.slab_for("axial")
         self.refresh()
 
     def _slab_changed(self, *_):
-        self.set_slab(self.slab_spin.value() if self.mip_box.isChecked() else 1)
+        self.set_slab_mm(self.slab_spin.value() if self.mip_box.isChecked() else 0.0)
+
+    def handle_navigation_key(self, ev) -> bool:
+        """Slice keys delivered by ``viewer.image_view.NavigationKeys`` while a panel has focus."""
+        before = self.position
+        self.keyPressEvent(ev)
+        return self.position != before or ev.key() in (Qt.Key.Key_Up, Qt.Key.Key_Down)
 
     def keyPressEvent(self, ev):  # noqa: N802
         # axial through the volume; Down / Page Down = towards the feet, as in the stack view

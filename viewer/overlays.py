@@ -10,12 +10,13 @@ that slice is displayed.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Iterable
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtCore import QObject, QPointF, QRectF, Qt, Signal
-from PySide6.QtGui import QColor, QLinearGradient, QPainter, QPainterPath, QPen, QTransform
+from PySide6.QtCore import QObject, QPointF, QRectF, QRunnable, Qt, QThreadPool, QTimer, Signal
+from PySide6.QtGui import QColor, QFont, QFontMetricsF, QLinearGradient, QPainter, QPainterPath, QPen, QTransform
 from PySide6.QtWidgets import QGraphicsPathItem, QSizePolicy, QWidget
 
 from engine.results import Heatmap
@@ -24,6 +25,9 @@ COLORMAPS: tuple[str, ...] = ("turbo", "inferno", "viridis", "magma", "plasma")
 MAX_RENDER_SIDE = 1024       # Grad-CAM is a smooth upsampled 7x7-ish map: more pixels add nothing
 MAX_CONTOUR_SIDE = 256
 OVERLAY_Z = 50               # above the image (z 0) and below measurement tools
+PLANES_Z = 40                # DICOM overlay planes: above the image, below the heatmap
+PLANE_CACHE = 64             # (file, frame) overlay sets kept
+PLANES_SETTLE_MS = 60        # a slice shown this long has its header read (not while scrolling)
 
 
 def colormap_lut(name: str, n: int = 256) -> np.ndarray:
@@ -261,10 +265,41 @@ class ColorBar(QWidget):
         self._threshold = float(value)
         self.update()
 
+    def _bar(self) -> QRectF:
+        return QRectF(4, 2, self.width() - 8, 10)
+
+    def label_font(self) -> QFont:
+        f = QFont(self.font())
+        f.setPointSizeF(max(6.5, f.pointSizeF() * 0.8))
+        return f
+
+    def label_rects(self) -> dict[str, tuple[QRectF, str]]:
+        """The labels to draw under the bar: the threshold value always (kept inside the bar's
+        span), the 0 and 1 end marks only where the threshold label leaves room for them;
+        measured with the label font, so they never overlap."""
+        bar = self._bar()
+        fm = QFontMetricsF(self.label_font())
+        h = fm.height()
+        y = bar.bottom() + 1
+        texts = {"zero": "0", "one": "1", "threshold": f"{self._threshold:.2f}"}
+        w = {k: fm.horizontalAdvance(t) + 2 for k, t in texts.items()}
+        zero = QRectF(bar.left(), y, w["zero"], h)
+        one = QRectF(bar.right() - w["one"], y, w["one"], h)
+        x = bar.left() + bar.width() * self._threshold
+        left = min(max(x - w["threshold"] / 2, bar.left()), max(bar.left(), bar.right() - w["threshold"]))
+        thr = QRectF(left, y, w["threshold"], h)
+        out = {"threshold": (thr, texts["threshold"])}
+        gap = 3.0
+        if not thr.adjusted(-gap, 0, gap, 0).intersects(zero):
+            out["zero"] = (zero, texts["zero"])
+        if not thr.adjusted(-gap, 0, gap, 0).intersects(one):
+            out["one"] = (one, texts["one"])
+        return out
+
     def paintEvent(self, event) -> None:  # noqa: N802 - Qt API
         p = QPainter(self)
         p.setRenderHint(QPainter.RenderHint.Antialiasing)
-        bar = QRectF(4, 2, self.width() - 8, 10)
+        bar = self._bar()
         grad = QLinearGradient(bar.topLeft(), bar.topRight())
         n = len(self._lut)
         for i in range(0, n, max(1, n // 32)):
@@ -280,10 +315,138 @@ class ColorBar(QWidget):
         p.setPen(QPen(self.palette().text().color(), 2))
         p.drawLine(QPointF(x, bar.top() - 2), QPointF(x, bar.bottom() + 2))
         p.setPen(self.palette().text().color())
-        f = p.font()
-        f.setPointSizeF(max(6.5, f.pointSizeF() * 0.8))
-        p.setFont(f)
-        p.drawText(QRectF(bar.left(), bar.bottom(), 30, 12), Qt.AlignmentFlag.AlignLeft, "0")
-        p.drawText(QRectF(bar.right() - 30, bar.bottom(), 30, 12), Qt.AlignmentFlag.AlignRight, "1")
-        p.drawText(QRectF(x - 30, bar.bottom(), 60, 12), Qt.AlignmentFlag.AlignHCenter, f"{self._threshold:.2f}")
+        p.setFont(self.label_font())
+        for rect, text in self.label_rects().values():
+            p.drawText(rect, Qt.AlignmentFlag.AlignCenter, text)
         p.end()
+
+
+# --------------------------------------------------------------------------------------------
+# DICOM overlay planes (60xx), decoded by engine.dicom.overlays in a worker thread
+class _PlanesBridge(QObject):
+    done = Signal(object, object)          # (key, OverlaySet)
+
+
+class _PlanesJob(QRunnable):
+    def __init__(self, key: tuple[str, int], bridge: _PlanesBridge):
+        super().__init__()
+        self.key, self.bridge = key, bridge
+
+    def run(self) -> None:  # noqa: D102 - worker thread
+        from engine.service import overlay_planes
+
+        result = overlay_planes(self.key[0], self.key[1])
+        try:
+            self.bridge.done.emit(self.key, result)
+        except RuntimeError:      # the view was deleted meanwhile
+            pass
+
+
+class OverlayPlaneLayer(QObject):
+    """The displayed frame's DICOM overlay planes (PS3.3 C.9.2) drawn over the image.
+
+    The planes are composed into one RGBA image (``engine.dicom.overlays.compose_rgba``, planes
+    in their activation-layer order) in image pixel coordinates inside the view's ``content``, so
+    zoom, pan, rotation and flips follow. Headers are read in one worker thread (through
+    ``engine.service.overlay_planes``), one request at a time, once a slice has stayed on screen
+    for PLANES_SETTLE_MS: scrolling through a CT at 170 slices/s reads no header at all.
+    ``set_visible`` toggles them (graphics overlays can hide anatomy).
+    """
+
+    changed = Signal()
+
+    def __init__(self, view: Any, parent: QObject | None = None):
+        super().__init__(parent or view)
+        self.view = view
+        self.item = pg.ImageItem(axisOrder="row-major")
+        self.item.setZValue(PLANES_Z)
+        view.view_box.addItem(self.item, ignoreBounds=True)
+        self.item.setParentItem(view.content)
+        self.visible = True
+        self.current: Any = None                    # OverlaySet of the displayed frame (or None)
+        self._cache: OrderedDict[tuple[str, int], Any] = OrderedDict()
+        self._pool = QThreadPool(self)
+        self._pool.setMaxThreadCount(1)
+        self._bridge = _PlanesBridge()
+        self._bridge.done.connect(self._on_loaded)
+        self._inflight: tuple[str, int] | None = None
+        self._settle = QTimer(self)
+        self._settle.setSingleShot(True)
+        self._settle.setInterval(PLANES_SETTLE_MS)
+        self._settle.timeout.connect(self._request)
+
+    def key(self) -> tuple[str, int] | None:
+        """(file, frame) of the displayed slice, or None (no image, or an image not from a file)."""
+        d = self.view.current_data()
+        if d is None:
+            return None
+        path = d.path or getattr(d, "source_file", "")
+        return (path, int(getattr(d, "frame_index", 0) or 0)) if path else None
+
+    def refresh(self) -> None:
+        key = self.key()
+        if key is None:
+            self._show(None)
+            return
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            self._show(self._cache[key])
+            return
+        self._show(None)
+        self._settle.start()
+
+    def _request(self) -> None:
+        key = self.key()
+        if key is None or key in self._cache or self._inflight is not None:
+            return
+        self._inflight = key
+        self._pool.start(_PlanesJob(key, self._bridge))
+
+    def _on_loaded(self, key: tuple[str, int], result: Any) -> None:
+        self._inflight = None
+        self._cache[key] = result
+        while len(self._cache) > PLANE_CACHE:
+            self._cache.popitem(last=False)
+        if key == self.key():
+            self._show(result)
+        else:
+            self._request()         # the user moved on meanwhile: read the slice shown now
+
+    def _show(self, result: Any) -> None:
+        self.current = result
+        d = self.view.current_data()
+        if result is None or not result.planes or d is None:
+            self.item.clear()
+            self.item.setVisible(False)
+        else:
+            from engine.dicom.overlays import compose_rgba
+
+            rgba = compose_rgba(result.planes, tuple(d.values.shape[:2]))
+            self.item.setImage(rgba, autoLevels=False, levels=None)
+            self.item.setPos(0.0, 0.0)
+            self.item.setVisible(self.visible)
+        self.changed.emit()
+
+    def set_visible(self, on: bool) -> None:
+        self.visible = bool(on)
+        self.item.setVisible(self.visible and self.current is not None and bool(self.current.planes))
+        self.changed.emit()
+
+    def is_showing(self) -> bool:
+        return self.item.isVisible() and self.current is not None and bool(self.current.planes)
+
+    def plane_names(self) -> list[str]:
+        return [p.name for p in self.current.planes] if self.current is not None else []
+
+    def wait(self, msecs: int = 10000) -> bool:
+        """Block until the pending header read is delivered (tests)."""
+        from PySide6.QtCore import QCoreApplication, QElapsedTimer
+
+        t = QElapsedTimer()
+        t.start()
+        while t.elapsed() < msecs:
+            self._pool.waitForDone(20)
+            QCoreApplication.processEvents()
+            if self._inflight is None and not self._settle.isActive():
+                return True
+        return False

@@ -1,7 +1,7 @@
 """Patients -> studies -> series tree with thumbnails, plus the files that were skipped and why."""
 from __future__ import annotations
 
-from PySide6.QtCore import QSize, Qt, Signal
+from PySide6.QtCore import QMimeData, QSize, Qt, Signal
 from PySide6.QtGui import QIcon, QImage, QPixmap
 from PySide6.QtWidgets import QLabel, QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget
 
@@ -9,6 +9,27 @@ from engine.dicom.records import IndexResult, SeriesRecord
 from viewer.annotations import _fmt_date, _fmt_name
 
 UID_ROLE = Qt.ItemDataRole.UserRole + 1
+SERIES_MIME = "application/x-chestview-series-uid"    # read by viewer.layouts (drop on a viewport)
+
+
+class SeriesTree(QTreeWidget):
+    """The browser tree; a series row can be dragged onto a viewport (viewer.layouts)."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setDragEnabled(True)
+        self.setDragDropMode(QTreeWidget.DragDropMode.DragOnly)
+
+    def mimeTypes(self) -> list[str]:  # noqa: N802 - Qt API
+        return [SERIES_MIME]
+
+    def mimeData(self, items) -> QMimeData:  # noqa: N802 - Qt API
+        md = QMimeData()
+        uids = [str(it.data(0, UID_ROLE)) for it in items if it.data(0, UID_ROLE)]
+        if uids:
+            md.setData(SERIES_MIME, uids[0].encode("utf-8"))
+            md.setText(uids[0])
+        return md
 
 
 def series_label(s: SeriesRecord) -> str:
@@ -26,7 +47,7 @@ class StudyBrowser(QWidget):
 
     def __init__(self, parent: QWidget | None = None, icon_size: int = 64):
         super().__init__(parent)
-        self.tree = QTreeWidget()
+        self.tree = SeriesTree()
         self.tree.setHeaderHidden(True)
         self.tree.setIconSize(QSize(icon_size, icon_size))
         self.tree.setIndentation(12)
@@ -48,6 +69,7 @@ class StudyBrowser(QWidget):
         for p in index.patients:
             pname = _fmt_name(p.patient_name) or "(no name)"
             pit = QTreeWidgetItem([f"{pname}  [{p.patient_id}]" + (f"  {p.sex}" if p.sex else "")])
+            pit.setFlags(pit.flags() & ~Qt.ItemFlag.ItemIsDragEnabled)
             f = pit.font(0)
             f.setBold(True)
             pit.setFont(0, f)
@@ -55,6 +77,7 @@ class StudyBrowser(QWidget):
             for st in p.studies:
                 sit = QTreeWidgetItem([f"{_fmt_date(st.study_date)}  {st.study_description or '(no description)'}"])
                 sit.setToolTip(0, f"Accession {st.accession_number}" if st.accession_number else "")
+                sit.setFlags(sit.flags() & ~Qt.ItemFlag.ItemIsDragEnabled)
                 pit.addChild(sit)
                 for se in st.series:
                     it = QTreeWidgetItem([series_label(se)])

@@ -6,9 +6,12 @@ case-insensitively; parents of matching sequence items stay visible so the conte
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
-from PySide6.QtWidgets import QLabel, QLineEdit, QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget
+from PySide6.QtGui import QBrush, QColor
+from PySide6.QtWidgets import (QHeaderView, QLabel, QLineEdit, QTreeWidget, QTreeWidgetItem, QVBoxLayout,
+                               QWidget)
 
 MAX_VALUE_CHARS = 240
+MAX_DEPTH = 32   # sequence nesting shown; hostile files nest thousands deep (recursion limit)
 
 
 def _value_text(elem) -> str:
@@ -40,9 +43,18 @@ class TagBrowser(QWidget):
         self.tree.setHeaderLabels(["Tag", "Name", "VR", "Value"])
         self.tree.setAlternatingRowColors(True)
         self.tree.setUniformRowHeights(True)
-        self.tree.setColumnWidth(0, 100)
-        self.tree.setColumnWidth(1, 190)
-        self.tree.setColumnWidth(2, 34)
+        # Tag, Name and VR sized to their content's usual width, Value takes the rest: with fixed
+        # widths summing past the dock's width, the Value column started off-screen
+        hdr = self.tree.header()
+        hdr.setStretchLastSection(True)
+        hdr.setMinimumSectionSize(30)
+        hdr.setSectionResizeMode(0, QHeaderView.ResizeMode.Interactive)
+        hdr.setSectionResizeMode(1, QHeaderView.ResizeMode.Interactive)
+        hdr.setSectionResizeMode(2, QHeaderView.ResizeMode.Interactive)
+        self.tree.setColumnWidth(0, 92)
+        self.tree.setColumnWidth(1, 170)
+        self.tree.setColumnWidth(2, 30)
+        self.tree.setTextElideMode(Qt.TextElideMode.ElideRight)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addWidget(self.title)
@@ -50,6 +62,7 @@ class TagBrowser(QWidget):
         lay.addWidget(self.tree)
         self.search.textChanged.connect(self.apply_filter)
         self._key = None
+        self.unreadable = 0
 
     def set_dataset(self, ds, title: str = "", key=None) -> None:
         """Show ``ds`` (pydicom Dataset); ``key`` skips rebuilding when the same file is shown again."""
@@ -57,29 +70,58 @@ class TagBrowser(QWidget):
             return
         self._key = key
         self.tree.clear()
-        self.title.setText(title)
+        self.unreadable = 0
         if ds is not None:
             self._add(self.tree.invisibleRootItem(), ds)
-            if getattr(ds, "file_meta", None) is not None and len(ds.file_meta):
+            meta_ds = getattr(ds, "file_meta", None)
+            if meta_ds is not None and len(meta_ds):
                 meta = QTreeWidgetItem(["(0002,xxxx)", "File Meta Information", "", ""])
                 self.tree.addTopLevelItem(meta)
-                self._add(meta, ds.file_meta)
+                self._add(meta, meta_ds)
+        self.title.setText(title + (f"  — {self.unreadable} element(s) unreadable (marked red)"
+                                    if self.unreadable else ""))
         self.apply_filter(self.search.text())
 
-    def _add(self, parent: QTreeWidgetItem, ds) -> None:
-        for elem in ds:
+    def _add(self, parent: QTreeWidgetItem, ds, depth: int = 0) -> None:
+        """One row per element; an element pydicom cannot convert is shown as unreadable (red)
+        with the reason, and the rows after it still appear (a damaged value must not hide the
+        readable rest of the header)."""
+        try:
+            tags = list(ds.keys())
+        except Exception as exc:  # noqa: BLE001 - a dataset that cannot even list its tags
+            self._unreadable(parent, "", f"<element list unreadable: {type(exc).__name__}>")
+            return
+        for tag in tags:
+            label = f"({tag.group:04X},{tag.element:04X})"
             try:
-                tag = f"({elem.tag.group:04X},{elem.tag.element:04X})"
-                item = QTreeWidgetItem([tag, elem.name, str(elem.VR), _value_text(elem)])
-            except Exception:  # noqa: BLE001
+                elem = ds[tag]
+                item = QTreeWidgetItem([label, elem.name, str(elem.VR), _value_text(elem)])
+            except Exception as exc:  # noqa: BLE001 - shown, never raised
+                self._unreadable(parent, label, f"<unreadable: {type(exc).__name__}>")
                 continue
             item.setToolTip(3, item.text(3))
             parent.addChild(item)
             if elem.VR == "SQ":
-                for k, sub in enumerate(elem.value):
+                if depth >= MAX_DEPTH:
+                    self._unreadable(item, "", f"<nested deeper than {MAX_DEPTH} levels; not shown>")
+                    continue
+                try:
+                    items = list(elem.value)
+                except Exception as exc:  # noqa: BLE001
+                    self._unreadable(item, "", f"<sequence items unreadable: {type(exc).__name__}>")
+                    continue
+                for k, sub in enumerate(items):
                     it = QTreeWidgetItem(["", f"Item {k + 1}", "", ""])
                     item.addChild(it)
-                    self._add(it, sub)
+                    self._add(it, sub, depth + 1)
+
+    def _unreadable(self, parent: QTreeWidgetItem, tag: str, text: str) -> None:
+        item = QTreeWidgetItem([tag, "(unreadable element)", "", text])
+        item.setForeground(1, QBrush(QColor("#c0392b")))
+        item.setForeground(3, QBrush(QColor("#c0392b")))
+        item.setToolTip(3, "pydicom could not convert this element's value; the file is damaged here")
+        parent.addChild(item)
+        self.unreadable += 1
 
     def apply_filter(self, text: str) -> None:
         q = text.strip().lower()

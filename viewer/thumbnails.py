@@ -1,6 +1,6 @@
 """Series thumbnails, rendered off the GUI thread (the middle image, default VOI, MONOCHROME1 inverted).
 
-``thumbnail_array`` is pure (runs in a worker); ``ThumbnailLoader`` queues it on a one-thread
+``thumbnail_array`` runs in a worker thread and decodes in the engine's sandboxed child; ``ThumbnailLoader`` queues it on a one-thread
 pool so thumbnails never compete with the image the user is waiting for, and converts the result
 to a QImage on the GUI thread.
 """
@@ -27,13 +27,15 @@ def downscale(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def thumbnail_array(series, size: int = 96) -> np.ndarray:
-    """uint8 (h, w) or (h, w, 3) thumbnail of the series' middle image. Raises LoadError."""
-    from engine.dicom.pixels import load_frame, render_display
+    """uint8 (h, w) or (h, w, 3) thumbnail of the series' middle image. Raises LoadError.
 
-    inst = series.instances[len(series.instances) // 2]
-    frame_idx = (inst.frames // 2) if len(series.instances) == 1 and inst.frames > 1 else 0
-    frame = load_frame(inst.path, frame_idx)
-    return downscale(render_display(frame), size)
+    Made in engine.service's sandboxed decode process: a hostile file in a folder must not abort,
+    hang or bloat the viewer while its browser fills (DESIGN.md 5); only the small thumbnail
+    comes back.
+    """
+    from engine.service import thumbnail
+
+    return thumbnail(series, size)
 
 
 def to_qimage(arr: np.ndarray) -> QImage:

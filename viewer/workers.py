@@ -53,6 +53,32 @@ def lower_thread_priority(nice: int | None = None) -> None:
         pass
 
 
+def install_gui_wait_hook() -> None:
+    """While the GUI thread waits for the engine's sandboxed decoder (the displayed image, its
+    header), keep serving timers and paint events, so the window repaints and answers within one
+    hook period even when a hostile file runs into the decoder's time limit. User input waits
+    (ExcludeUserInputEvents): a click cannot start a second display while the first is pending.
+    Call once, from the GUI thread."""
+    from PySide6.QtCore import QCoreApplication, QEventLoop
+
+    from engine.service import set_wait_hook
+
+    flags = QEventLoop.ProcessEventsFlag.ExcludeUserInputEvents
+
+    def hook() -> None:
+        QCoreApplication.processEvents(flags, 15)
+
+    set_wait_hook(hook)
+
+
+def warm_up_decoder() -> None:
+    """Start the sandboxed decode processes (worker thread, at startup): the first image then
+    does not wait for them."""
+    from engine.service import warm_up
+
+    warm_up()
+
+
 def _default_analyze(series: Any, progress: Callable[[float, str], None],
                      cancel: Callable[[], bool], volume: Any = None) -> Any:
     """engine.service.analyze_series (or analyze_volume when the viewer already loaded the CT),

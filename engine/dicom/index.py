@@ -35,7 +35,7 @@ _TAGS = [
     "StudyTime", "StudyDescription", "AccessionNumber", "Modality", "SeriesNumber",
     "SeriesDescription", "BodyPartExamined", "ViewPosition", "InstanceNumber", "NumberOfFrames",
     "ImagePositionPatient", "ImageOrientationPatient", "SliceLocation", "Rows", "Columns",
-    "DirectoryRecordSequence",
+    "DirectoryRecordSequence", "ImageType", "ConvolutionKernel", "SliceThickness",
 ]
 
 
@@ -60,6 +60,9 @@ class _Header:
     body_part: str
     view_position: str
     instance: InstanceRecord
+    image_type: str = ""
+    convolution_kernel: str = ""
+    slice_thickness: float | None = None
 
 
 _TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "PN", "SH", "TM", "UI", "LT", "ST"}
@@ -188,7 +191,31 @@ def _header_from_dataset(ds, path: str) -> _Header:
         series_uid=series or f"(no series UID) {folder}",
         series_number=_i(ds, "SeriesNumber"), series_description=_s(ds, "SeriesDescription"),
         modality=_s(ds, "Modality").upper(), body_part=_s(ds, "BodyPartExamined"),
-        view_position=_s(ds, "ViewPosition"), instance=inst)
+        view_position=_s(ds, "ViewPosition"), instance=inst, image_type=_multi(ds, "ImageType"),
+        convolution_kernel=_multi(ds, "ConvolutionKernel"), slice_thickness=_ds1(ds, "SliceThickness"))
+
+
+def _multi(ds, kw: str) -> str:
+    """A multi-valued text attribute as its DICOM encoding (values joined by backslash)."""
+    v = _raw_text(ds, kw)
+    if v is not None:
+        return v
+    try:
+        v = ds.get(kw, "")
+    except Exception:
+        return ""
+    if v is None:
+        return ""
+    return "\\".join(str(x) for x in v) if isinstance(v, (list, tuple)) or type(v).__name__ == "MultiValue" \
+        else str(v).strip()
+
+
+def _ds1(ds, kw: str) -> float | None:
+    """The first value of a DS attribute, None when absent or not a number."""
+    try:
+        return float(_multi(ds, kw).split("\\")[0])
+    except ValueError:
+        return None
 
 
 def _float1(ds) -> float | None:
@@ -411,6 +438,7 @@ class _Collector:
         self.problems: list[FileProblem] = []
         self.files_seen = 0
         self._sops: dict[str, str] = {}
+        self._dicomdirs: set[str] = set()
 
     def add_bytes_or_file(self, fh, path: str, size: int | None) -> None:
         self.files_seen += 1
@@ -446,7 +474,8 @@ class _Collector:
     def add_dataset(self, ds, path: str) -> None:
         try:
             if _s(ds, "SOPClassUID") == _MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
-                return  # a DICOMDIR met during a folder walk: its files are walked anyway
+                self.note_dicomdir(path)  # its images are walked anyway; it is listed, not dropped
+                return
             if not any(k in ds for k in ("SOPInstanceUID", "StudyInstanceUID", "Rows", "Modality")):
                 self.problems.append(FileProblem(path, "not a DICOM image (no SOP Instance UID, "
                                                        "study or image attributes)"))
@@ -462,6 +491,23 @@ class _Collector:
             return
         self._sops[sop] = path
         self.headers.append(h)
+
+    def note_dicomdir(self, path: str) -> None:
+        """A DICOMDIR met during a folder walk: one entry saying what it is, plus one per file it
+        references that is missing (PS3.10 8.6: a File-set's files must be present), so every
+        file the walk meets is a row or a reason."""
+        if path in self._dicomdirs:
+            return
+        self._dicomdirs.add(path)
+        try:
+            files, missing = dicomdir_files(path)
+        except Exception as exc:  # noqa: BLE001 - reported, never raised
+            self.problems.append(FileProblem(path, f"unreadable DICOMDIR ({_problem_reason(exc)})"))
+            return
+        self.problems.append(FileProblem(path, f"DICOMDIR (media directory, not an image) listing "
+                                               f"{len(files) + len(missing)} file(s); the images are "
+                                               f"indexed from the folder itself"))
+        self.problems.extend(missing)
 
     def result(self, seconds: float, cancelled: bool) -> IndexResult:
         res = IndexResult(patients=group(self.headers), problems=self.problems,
@@ -517,7 +563,8 @@ def group(headers: Iterable[_Header]) -> list[PatientRecord]:
             se = series[h.series_uid] = SeriesRecord(
                 h.series_uid, h.study_uid, h.patient_id, h.modality, h.series_number,
                 h.series_description, h.body_part, h.view_position,
-                h.instance.rows, h.instance.columns)
+                h.instance.rows, h.instance.columns, image_type=h.image_type,
+                convolution_kernel=h.convolution_kernel, slice_thickness=h.slice_thickness)
             st.series.append(se)
         se.instances.append(h.instance)
     for se in series.values():
@@ -677,6 +724,8 @@ def index_path(path: str | Path, progress: ProgressFn | None = None,
                     cancelled = True
                     break
                 if _is_dicomdir_name(e.name):
+                    col.files_seen += 1
+                    col.note_dicomdir(e.path)
                     continue
                 if _is_zip_name(e.name):
                     if not _index_zip(col, e.path, lambda m, i, n: tick(m, k, total)):

@@ -1,9 +1,13 @@
 """DICOM networking with pynetdicom: C-ECHO, C-FIND, C-MOVE/C-GET retrieve, storage SCP, C-STORE.
 
 Services follow PS3.4: Verification (annex A), Storage (annex B), Query/Retrieve (annex C:
-Patient Root for PATIENT level, Study Root for STUDY/SERIES/IMAGE). Received instances are
-filed as ``<store>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm``, written atomically, never
-overwriting a different existing file. Optional TLS per PS3.15 B.9.
+Patient Root for PATIENT level, Study Root for STUDY/SERIES/IMAGE). Every received object is
+decoded and checked before it is filed (``check_dataset``: encoding vs transfer syntax, pixel data
+vs header, identity); a failure is answered with its PS3.4 B.2.3 status. Received instances are
+filed as ``<store>/<StudyUID>/<SeriesUID>/<SOPUID>.dcm`` (mode 0644), written atomically, one file
+per SOP Instance UID: a valid stored instance is never replaced or shadowed. C-GET negotiates one
+presentation context per compressed syntax so files keep their transfer syntax. Optional TLS per
+PS3.15 B.9.
 
 Privacy: pynetdicom logs C-FIND/C-MOVE/C-GET identifiers (patient names, IDs) by default; this
 module switches that off at import, and its own log lines carry counts, AE titles and status
@@ -12,7 +16,6 @@ codes only — never names, IDs or birth dates.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import re
@@ -20,6 +23,7 @@ import ssl
 import tempfile
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +34,15 @@ from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    HTJ2K,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
     JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
+    JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
@@ -60,6 +68,7 @@ ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
 StoredFn = Callable[["StoredInstance"], None]
 
+FILE_MODE = 0o644          # received files are readable by the workstation's other users and tools
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 # Storage SOP classes we ask to receive over a C-GET association (PS3.4 C.4.3 needs a
@@ -93,11 +102,6 @@ GET_STORAGE_CLASSES = [
     sc.XRayRadiationDoseSRStorage,
     sc.EncapsulatedPDFStorage,
 ]
-GET_TRANSFER_SYNTAXES = [
-    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian,
-    JPEGLosslessSV1, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLSLossless, JPEGLSNearLossless,
-    JPEG2000Lossless, JPEG2000, RLELossless, ExplicitVRBigEndian,
-]
 
 LEVEL_MODELS = {
     "PATIENT": (sc.PatientRootQueryRetrieveInformationModelFind,
@@ -112,7 +116,11 @@ LEVEL_MODELS["IMAGE"] = LEVEL_MODELS["STUDY"]
 
 
 class NetworkError(Exception):
-    """A DICOM network operation failed; the message says what to check (never holds identifiers)."""
+    """A DICOM network operation failed; the message says what to check (never holds identifiers).
+
+    ``result``: what a retrieve did get before it failed (a RetrieveResult), when there is one."""
+
+    result = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,6 +397,219 @@ def find_instances(settings: NetworkSettings, peer: Peer, study_uid: str, series
 
 
 # --------------------------------------------------------------------------------------------
+# Integrity of received objects (checked before anything is filed)
+# --------------------------------------------------------------------------------------------
+STATUS_SUCCESS = 0x0000
+STATUS_DUPLICATE = 0x0111          # PS3.7 Annex C status 0111H "Duplicate SOP Instance"
+STATUS_OUT_OF_RESOURCES = 0xA700   # PS3.4 B.2.3 Refused: out of resources
+STATUS_NOT_MATCHING = 0xA900       # PS3.4 B.2.3 Error: Data Set does not match SOP Class
+STATUS_CANNOT_UNDERSTAND = 0xC000  # PS3.4 B.2.3 Error: cannot understand
+
+_VRS = {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"OB",
+        b"OD", b"OF", b"OL", b"OV", b"OW", b"PN", b"SH", b"SL", b"SQ", b"SS", b"ST", b"SV", b"TM",
+        b"UC", b"UI", b"UL", b"UN", b"UR", b"US", b"UT", b"UV"}
+_IMPLICIT = {ImplicitVRLittleEndian}
+_BIG = {ExplicitVRBigEndian}
+_DEFLATED = {DeflatedExplicitVRLittleEndian, "1.2.840.10008.1.2.8.1"}
+_NATIVE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian} | _DEFLATED
+# First bytes of the first fragment's codestream for each encapsulated syntax family.
+_JPEG = {JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless,
+         JPEGLSNearLossless}
+_J2K = {JPEG2000Lossless, JPEG2000, "1.2.840.10008.1.2.4.92", "1.2.840.10008.1.2.4.93", HTJ2KLossless,
+        HTJ2KLosslessRPCL, HTJ2K}
+_PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_WARNINGS_LOCK = threading.Lock()
+
+
+class IntegrityError(ValueError):
+    """A received object is not what its transfer syntax and SOP class say; ``status`` is the
+    PS3.4 B.2.3 C-STORE failure to answer, ``reason`` says why without any header value."""
+
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def _encoding_matches(body: bytes, transfer_syntax: str) -> bool:
+    """Does the first data element look like the transfer syntax says (PS3.5 7.1)?
+
+    Explicit VR puts a two-letter VR after the tag; Implicit VR a 32-bit length. A body encoded
+    the other way round (a file whose meta header lies) is recognised here before any parser
+    silently guesses (pydicom switches encodings with only a warning).
+    """
+    if len(body) < 8:
+        return False
+    looks_explicit = body[4:6] in _VRS
+    if transfer_syntax in _IMPLICIT:
+        length = int.from_bytes(body[4:8], "little")
+        return not looks_explicit or length <= len(body) - 8
+    return looks_explicit
+
+
+def _inflate(body: bytes) -> bytes:
+    import zlib
+
+    try:
+        return zlib.decompressobj(-zlib.MAX_WBITS).decompress(body)
+    except zlib.error as exc:
+        raise IntegrityError(STATUS_CANNOT_UNDERSTAND, "deflated body does not inflate") from exc
+
+
+def parse_body(body: bytes, transfer_syntax: str) -> Dataset:
+    """Decode a received data set completely (every element, nested ones too) or raise."""
+    from io import BytesIO
+
+    from pydicom.filereader import read_dataset
+
+    ts = str(transfer_syntax)
+    raw = _inflate(body) if ts in _DEFLATED else body
+    if not _encoding_matches(raw, ts):
+        raise IntegrityError(STATUS_CANNOT_UNDERSTAND,
+                             "data set is not encoded in the negotiated transfer syntax "
+                             "(explicit/implicit VR mismatch)")
+    try:
+        # pydicom warnings can quote header values: recorded, never printed. catch_warnings swaps
+        # process-wide state, so the SCP's association threads take turns (Python docs, warnings).
+        with _WARNINGS_LOCK, warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            ds = read_dataset(BytesIO(raw), ts in _IMPLICIT, ts not in _BIG)
+            for _ in ds.iterall():                  # converts every raw element: malformed ones raise
+                pass
+    except IntegrityError:
+        raise
+    except Exception as exc:                        # pydicom raises many types on corrupt input
+        raise IntegrityError(STATUS_CANNOT_UNDERSTAND,
+                             f"data set cannot be decoded ({type(exc).__name__})") from exc
+    ds.file_meta = Dataset()
+    ds.file_meta.TransferSyntaxUID = ts
+    return ds
+
+
+def _native_pixel_bytes(ds: Dataset, keyword: str) -> int:
+    """Bytes the header promises: Rows x Columns x Samples x Frames x BitsAllocated / 8 (PS3.5 8.1.1)."""
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if keyword == "PixelData":
+        bits, samples = int(ds.BitsAllocated), int(ds.get("SamplesPerPixel", 1) or 1)
+    else:
+        bits, samples = (32 if keyword == "FloatPixelData" else 64), 1
+    return (rows * cols * samples * frames * bits + 7) // 8
+
+
+def _check_encapsulated(value: bytes, ts: str, frames: int) -> None:
+    """Encapsulated Pixel Data (PS3.5 A.4): items, at least one fragment per frame unless an offset
+    table says otherwise, and a codestream that starts as the transfer syntax says."""
+    from pydicom.encaps import generate_fragments
+
+    if value[:4] != b"\xfe\xff\x00\xe0":
+        raise IntegrityError(STATUS_NOT_MATCHING, "pixel data is not encapsulated although the "
+                             "transfer syntax is compressed (native pixels under a compressed label)")
+    try:
+        items = list(generate_fragments(value))
+    except Exception as exc:
+        raise IntegrityError(STATUS_NOT_MATCHING, "encapsulated pixel data items are broken") from exc
+    fragments = items[1:]                            # the first item is the Basic Offset Table
+    if not fragments or not fragments[0]:
+        raise IntegrityError(STATUS_NOT_MATCHING, "encapsulated pixel data has no fragments")
+    if len(fragments) < frames and not items[0]:
+        raise IntegrityError(STATUS_NOT_MATCHING, f"{len(fragments)} fragment(s) for {frames} frames "
+                             "and no offset table")
+    head = fragments[0][:12]
+    if ts in _JPEG and head[:2] != b"\xff\xd8":
+        raise IntegrityError(STATUS_NOT_MATCHING, "first fragment is not a JPEG codestream (no SOI)")
+    if ts in _J2K and head[:4] != b"\xff\x4f\xff\x51" and head[4:8] != b"jP  ":
+        raise IntegrityError(STATUS_NOT_MATCHING, "first fragment is not a JPEG 2000 codestream")
+    if ts == RLELossless and not (len(fragments[0]) >= 64 and 1 <= int.from_bytes(head[:4], "little") <= 15):
+        raise IntegrityError(STATUS_NOT_MATCHING, "first fragment is not an RLE segment header")
+
+
+def check_dataset(ds: Dataset, transfer_syntax: str, sop_class: str | None = None,
+                  sop_instance: str | None = None) -> None:
+    """Raise IntegrityError unless ``ds`` is a storable instance of ``sop_class``.
+
+    Identity (PS3.4 B.2.1: the data set's SOP Class/Instance UIDs are the request's), the UIDs the
+    store is keyed by, and pixel data consistent with the header: native length equal to what
+    Rows x Columns x Samples x Bits x Frames promise (plus one pad byte, PS3.5 7.1.1), encapsulated
+    data with fragments of the right codestream.
+    """
+    ts = str(transfer_syntax)
+    got_class = str(ds.get("SOPClassUID", "")).strip()
+    if not got_class or (sop_class and got_class != str(sop_class)):
+        raise IntegrityError(STATUS_NOT_MATCHING, "SOP Class UID of the data set differs from the request")
+    if sop_instance is not None and str(ds.get("SOPInstanceUID", "")).strip() != str(sop_instance):
+        raise IntegrityError(STATUS_NOT_MATCHING, "SOP Instance UID of the data set differs from the request")
+    for kw, what in (("StudyInstanceUID", "Study Instance UID"), ("SeriesInstanceUID", "Series Instance UID"),
+                     ("SOPInstanceUID", "SOP Instance UID")):
+        try:
+            _check_uid(str(ds.get(kw, "")), what)
+        except ValueError as exc:
+            raise IntegrityError(STATUS_NOT_MATCHING, str(exc)) from exc
+    for kw in _PIXEL_TAGS:
+        if kw not in ds:
+            continue
+        try:
+            rows, cols = int(ds.Rows), int(ds.Columns)
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise IntegrityError(STATUS_NOT_MATCHING, "pixel data without valid Rows/Columns/Number of "
+                                 "Frames") from exc
+        if rows <= 0 or cols <= 0 or frames <= 0:
+            raise IntegrityError(STATUS_NOT_MATCHING, "pixel data with zero Rows, Columns or frames")
+        value = ds[kw].value or b""
+        if ts in _NATIVE or kw != "PixelData":
+            try:
+                want = _native_pixel_bytes(ds, kw)
+            except (AttributeError, TypeError, ValueError) as exc:
+                raise IntegrityError(STATUS_NOT_MATCHING, "pixel data without Bits Allocated") from exc
+            if len(value) not in (want, want + 1):
+                raise IntegrityError(STATUS_NOT_MATCHING, f"native pixel data holds {len(value)} bytes, "
+                                     f"the header promises {want}")
+        else:
+            _check_encapsulated(value, ts, frames)
+
+
+def _split_file(data: bytes) -> tuple[bytes, str]:
+    """(data set body, transfer syntax) of an encoded Part 10 file (PS3.10 7.1)."""
+    from io import BytesIO
+
+    from pydicom.filereader import read_preamble, _read_file_meta_info
+
+    fp = BytesIO(data)
+    read_preamble(fp, False)
+    meta = _read_file_meta_info(fp)
+    return data[fp.tell():], str(meta.get("TransferSyntaxUID", ""))
+
+
+def check_file_bytes(data: bytes) -> Dataset:
+    """Parse and check a whole Part 10 file; returns its data set or raises IntegrityError."""
+    try:
+        body, ts = _split_file(data)
+    except Exception as exc:
+        raise IntegrityError(STATUS_CANNOT_UNDERSTAND, f"file meta information unreadable "
+                             f"({type(exc).__name__})") from exc
+    ds = parse_body(body, ts)
+    check_dataset(ds, ts)
+    return ds
+
+
+def _body_of(data: bytes) -> bytes:
+    """The data set after the file meta (senders differ in meta, e.g. Implementation Class UID)."""
+    try:
+        return _split_file(data)[0]
+    except Exception:
+        return data
+
+
+def _is_valid_file(path: Path) -> bool:
+    try:
+        check_file_bytes(path.read_bytes())
+        return True
+    except (IntegrityError, OSError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------
 # Filing received instances
 # --------------------------------------------------------------------------------------------
 @dataclass
@@ -397,8 +618,9 @@ class StoredInstance:
     study_uid: str
     series_uid: str
     sop_uid: str
-    duplicate: bool = False      # identical file was already in the store
-    conflict: bool = False       # a different file had this SOP UID: kept both (new one suffixed)
+    duplicate: bool = False      # the same data set was already in the store
+    conflict: bool = False       # a different, valid data set holds this SOP UID: it was kept, the new one not filed
+    replaced: bool = False       # the stored copy failed the integrity check and was replaced
 
 
 def _check_uid(uid: str, what: str) -> str:
@@ -426,11 +648,14 @@ def _link_new(tmp: Path, final: Path) -> bool:
 
 def file_instance(data: bytes, study_uid: str, series_uid: str, sop_uid: str,
                   root: Path | None = None) -> StoredInstance:
-    """Write one encoded DICOM file as ``root/<Study>/<Series>/<SOP>.dcm``.
+    """Write one encoded, already checked DICOM file as ``root/<Study>/<Series>/<SOP>.dcm``.
 
-    Atomic (temp file in the target folder, then link/rename); an existing identical file is kept
-    as is; an existing *different* file is never overwritten: the new one gets a content-hash
-    suffix ``<SOP>.<sha8>.dcm``. UIDs are validated so a peer cannot steer paths (``..``).
+    Atomic (temp file in the target folder, mode 0644, then link/rename). One file per SOP
+    Instance UID, so nothing can shadow a stored instance: the same data set again (meta header
+    aside) is a duplicate; a *different* data set under a stored, valid UID is not filed and is
+    reported as a conflict (the stored copy is kept); a stored copy that fails the integrity check
+    (left by an older version) is replaced by the new one. UIDs are validated so a peer cannot
+    steer paths (``..``).
     """
     study_uid = _check_uid(study_uid, "Study Instance UID")
     series_uid = _check_uid(series_uid, "Series Instance UID")
@@ -438,70 +663,122 @@ def file_instance(data: bytes, study_uid: str, series_uid: str, sop_uid: str,
     folder = (root or paths.store_dir()) / study_uid / series_uid
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{sop_uid}.dcm"
-    if final.exists() and final.stat().st_size == len(data) and final.read_bytes() == data:
-        return StoredInstance(final, study_uid, series_uid, sop_uid, duplicate=True)
+    body = _body_of(data)
+    if final.exists():
+        held = final.read_bytes()
+        if held == data or _body_of(held) == body:
+            return StoredInstance(final, study_uid, series_uid, sop_uid, duplicate=True)
+        if _is_valid_file(final):
+            log.warning("Received a different data set under a stored SOP Instance UID: kept the stored "
+                        "copy, the new one was not filed (conflict)")
+            return StoredInstance(final, study_uid, series_uid, sop_uid, conflict=True)
     fd, tmp_name = tempfile.mkstemp(prefix=".incoming-", suffix=".part", dir=folder)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), FILE_MODE)
             os.fsync(f.fileno())
         if _link_new(tmp, final):
             return StoredInstance(final, study_uid, series_uid, sop_uid)
-        if final.read_bytes() == data:
+        held = final.read_bytes()                   # appeared meanwhile (a parallel association)
+        if _body_of(held) == body:
             return StoredInstance(final, study_uid, series_uid, sop_uid, duplicate=True)
-        alt = folder / f"{sop_uid}.{hashlib.sha256(data).hexdigest()[:8]}.dcm"
-        if not _link_new(tmp, alt) and alt.read_bytes() != data:
-            raise OSError(f"store name clash for {alt.name}")
-        log.warning("Received a different instance with an existing SOP Instance UID: kept both")
-        return StoredInstance(alt, study_uid, series_uid, sop_uid, conflict=True)
+        if _is_valid_file(final):
+            return StoredInstance(final, study_uid, series_uid, sop_uid, conflict=True)
+        os.replace(tmp, final)
+        log.warning("Replaced a stored copy that failed the integrity check by a valid one")
+        return StoredInstance(final, study_uid, series_uid, sop_uid, replaced=True)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 class _StoreHandler:
-    """EVT_C_STORE handler shared by the storage SCP and C-GET (PS3.4 B.2.3 statuses)."""
+    """EVT_C_STORE handler shared by the storage SCP and C-GET (PS3.4 B.2.3 statuses).
+
+    Every object is decoded and checked (``parse_body``/``check_dataset``) before it is filed; a
+    refusal answers a failure status and logs the reason, never a header value. Filed instances
+    are announced (``on_stored``) only when their association is released normally, so the
+    browser never shows half a study (``release``).
+    """
 
     def __init__(self, root: Path | None, on_stored: StoredFn | None):
         self.root = root
         self.on_stored = on_stored
         self.lock = threading.Lock()
         self.stored: list[StoredInstance] = []
+        self.conflicts: list[StoredInstance] = []
         self.failed = 0
+        self.refusals: list[tuple[int, str]] = []            # (status, reason) per refused object
+        self._pending: dict[int, list[StoredInstance]] = {}  # association id -> not yet announced
+
+    def _refuse(self, status: int, reason: str) -> int:
+        log.warning("Refused a received instance (status %#06x): %s", status, reason)
+        with self.lock:
+            self.failed += 1
+            self.refusals.append((status, reason))
+        return status
 
     def __call__(self, event) -> int:
         try:
-            ds = event.dataset
-            sop = str(event.request.AffectedSOPInstanceUID)
-            if str(ds.get("SOPInstanceUID", sop)) != sop:
-                raise ValueError("SOP Instance UID in the dataset differs from the request")
+            ts = str(event.context.transfer_syntax)
+            body = event.request.DataSet.getvalue()
+            ds = parse_body(body, ts)
+            check_dataset(ds, ts, str(event.request.AffectedSOPClassUID),
+                          str(event.request.AffectedSOPInstanceUID))
             data = event.encoded_dataset(include_meta=True)
-            rec = file_instance(data, str(ds.get("StudyInstanceUID", "")),
-                                str(ds.get("SeriesInstanceUID", "")), sop, self.root)
+            rec = file_instance(data, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                                str(ds.SOPInstanceUID), self.root)
+        except IntegrityError as exc:
+            return self._refuse(exc.status, exc.reason)
         except ValueError as exc:
-            log.warning("Refused a received instance: %s", exc)
-            with self.lock:
-                self.failed += 1
-            return 0xC000                     # Error: cannot understand
+            return self._refuse(STATUS_NOT_MATCHING, str(exc))
         except OSError as exc:
             log.error("Could not file a received instance (%s): check free disk space", exc.strerror or exc)
             with self.lock:
                 self.failed += 1
-            return 0xA700                     # Refused: out of resources
-        except Exception as exc:              # undecodable dataset: log the type only (no values)
-            log.warning("Refused an undecodable received instance (%s)", type(exc).__name__)
+            return STATUS_OUT_OF_RESOURCES
+        except Exception as exc:              # anything else: log the type only (no values)
+            return self._refuse(STATUS_CANNOT_UNDERSTAND, f"unexpected {type(exc).__name__}")
+        if rec.conflict:
             with self.lock:
+                self.conflicts.append(rec)
                 self.failed += 1
-            return 0xC210                     # Error: cannot understand
+            return STATUS_DUPLICATE
         with self.lock:
             self.stored.append(rec)
+            self._pending.setdefault(id(event.assoc), []).append(rec)
+        return STATUS_SUCCESS
+
+    def release(self, assoc_key: int | None = None) -> list[StoredInstance]:
+        """Announce the instances of one released association (all when ``assoc_key`` is None)."""
+        with self.lock:
+            if assoc_key is None:
+                recs = [r for lst in self._pending.values() for r in lst]
+                self._pending.clear()
+            else:
+                recs = self._pending.pop(assoc_key, [])
         if self.on_stored is not None:
-            try:
-                self.on_stored(rec)
-            except Exception:                 # a GUI callback must never fail the C-STORE
-                log.exception("on_stored callback failed")
-        return 0x0000
+            for rec in recs:
+                try:
+                    self.on_stored(rec)
+                except Exception:             # a GUI callback must never fail the SCP
+                    log.exception("on_stored callback failed")
+        return recs
+
+    def drop(self, assoc_key: int) -> None:
+        """An aborted association: its files stay (each was valid) but are not announced."""
+        with self.lock:
+            n = len(self._pending.pop(assoc_key, []))
+        if n:
+            log.warning("Association aborted after %d instance(s): not shown until a complete transfer", n)
+
+    def on_released(self, event) -> None:
+        self.release(id(event.assoc))
+
+    def on_aborted(self, event) -> None:
+        self.drop(id(event.assoc))
 
 
 class StorageSCP:
@@ -553,7 +830,9 @@ class StorageSCP:
         ssl_ctx = server_ssl_context(s.tls) if s.tls.enabled else None
         try:
             self._server = ae.start_server((s.bind_address, int(s.port)), block=False, ssl_context=ssl_ctx,
-                                           evt_handlers=[(evt.EVT_C_STORE, self.handler)])
+                                           evt_handlers=[(evt.EVT_C_STORE, self.handler),
+                                                         (evt.EVT_RELEASED, self.handler.on_released),
+                                                         (evt.EVT_ABORTED, self.handler.on_aborted)])
         except OSError as exc:
             raise NetworkError(f"Cannot listen on port {s.port} ({exc.strerror or exc}): choose another "
                                "port in Network settings or stop the program using it.") from exc
@@ -587,6 +866,7 @@ class RetrieveResult:
     failed: int = 0
     warning: int = 0
     stored: list[StoredInstance] = field(default_factory=list)   # filled for C-GET
+    conflicts: list[StoredInstance] = field(default_factory=list)  # C-GET: different data under a stored UID
     cancelled: bool = False
     status: int | None = None
 
@@ -647,19 +927,120 @@ def move(settings: NetworkSettings, peer: Peer, study_uid: str, series_uid: str 
         return _track(a.send_c_move(ident, dest, model), "C-MOVE", peer, a, progress, cancel, dest)
 
 
+# Encapsulated syntaxes offered for image classes over C-GET, each in a presentation context of its
+# own: an acceptor picks one syntax per context (PS3.8 9.3.2.2), so a single context listing them
+# all lets the peer choose Explicit VR and decompress (or fail on what it cannot transcode).
+GET_COMPRESSED_SYNTAXES = [
+    JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLosslessSV1, JPEGLossless, JPEGLSLossless, JPEGLSNearLossless,
+    JPEG2000Lossless, JPEG2000, RLELossless, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K,
+]
+GET_NATIVE_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+MAX_CONTEXTS = 128                   # PS3.8 9.3.2.2: presentation context IDs are odd numbers 1-255
+
+
+def _compressible(sop_class: str) -> bool:
+    """Image storage classes whose pixels may be encapsulated. Parametric Maps (float pixels) and
+    Segmentations (1-bit or fractional) are sent in native syntaxes."""
+    from pydicom.uid import UID
+
+    from pynetdicom.sop_class import uid_to_service_class
+
+    if sop_class in (sc.ParametricMapStorage, sc.SegmentationStorage):
+        return False
+    name = UID(sop_class).name.lower()
+    return uid_to_service_class(sop_class).__name__ == "StorageServiceClass" and "image" in name
+
+
+def get_contexts(sop_classes: Sequence[str], budget: int = MAX_CONTEXTS - 1) -> list[tuple[str, list[str]]]:
+    """Presentation contexts for receiving ``sop_classes`` over C-GET within ``budget`` contexts.
+
+    Every class gets a native context (Explicit and Implicit VR LE); image classes, in the given
+    order, additionally one context per compressed syntax while the budget lasts, so the peer
+    can send each file in the syntax it holds.
+    """
+    classes = list(dict.fromkeys(str(c) for c in sop_classes))[:budget]
+    contexts: list[tuple[str, list[str]]] = [(c, list(GET_NATIVE_SYNTAXES)) for c in classes]
+    left = budget - len(contexts)
+    for c in classes:
+        if not _compressible(c):
+            continue
+        extra = [(c, [ts]) for ts in GET_COMPRESSED_SYNTAXES]
+        if len(extra) > left:
+            extra = extra[:left]
+        contexts += extra
+        left -= len(extra)
+        if left <= 0:
+            break
+    return contexts
+
+
+def _sop_classes_of(settings: NetworkSettings, peer: Peer, study_uid: str,
+                    series_uid: str | None) -> list[str]:
+    """SOP classes the retrieve will deliver, from C-FIND (PS3.4 C.6.2.1.2 SOP Classes in Study,
+    else SOP Class UID at IMAGE level); empty when the peer does not say."""
+    try:
+        if series_uid is None:
+            ds = Dataset()
+            ds.QueryRetrieveLevel = "STUDY"
+            ds.StudyInstanceUID = study_uid
+            ds.SOPClassesInStudy = ""
+            found = [str(v) for r in find(settings, peer, ds)
+                     for v in (r.get("SOPClassesInStudy") or []) if str(v)]
+            if found:
+                return found
+            series = [s.series_uid for s in find_series(settings, peer, study_uid)]
+        else:
+            series = [series_uid]
+        out: list[str] = []
+        for uid in series:
+            ds = Dataset()
+            ds.QueryRetrieveLevel = "IMAGE"
+            ds.StudyInstanceUID = study_uid
+            ds.SeriesInstanceUID = uid
+            ds.SOPInstanceUID = ""
+            ds.SOPClassUID = ""
+            out += [str(r.get("SOPClassUID", "")) for r in find(settings, peer, ds) if r.get("SOPClassUID")]
+        return list(dict.fromkeys(out))
+    except NetworkError as exc:
+        log.info("C-FIND for the SOP classes before C-GET failed (%s): offering the default classes", exc)
+        return []
+
+
 def get(settings: NetworkSettings, peer: Peer, study_uid: str, series_uid: str | None = None,
         root: Path | None = None, progress: ProgressFn | None = None, cancel: CancelFn | None = None,
         on_stored: StoredFn | None = None) -> RetrieveResult:
-    """C-GET a study or series over one association, filing instances into the store (PS3.4 C.4.3)."""
+    """C-GET a study or series over one association, filing instances into the store (PS3.4 C.4.3).
+
+    Presentation contexts keep each file's transfer syntax (``get_contexts`` for the SOP classes
+    C-FIND reports, then the default classes while the 128-context limit allows), with SCP role
+    selection per class (PS3.7 D.3.3.4). Every filed instance is in the result, also when some
+    sub-operations failed; only a retrieve that filed nothing raises (``NetworkError.result``).
+    """
     model = LEVEL_MODELS["STUDY"][2]
     ident = _retrieve_identifier(study_uid, series_uid)
     handler = _StoreHandler(root, on_stored)
-    contexts = [(model, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
-    contexts += [(uid, GET_TRANSFER_SYNTAXES) for uid in GET_STORAGE_CLASSES]
-    roles = [build_role(uid, scp_role=True) for uid in GET_STORAGE_CLASSES]
-    with _association(settings, peer, contexts, roles, [(evt.EVT_C_STORE, handler)]) as a:
-        res = _track(a.send_c_get(ident, model), "C-GET", peer, a, progress, cancel)
+    classes = _sop_classes_of(settings, peer, study_uid, series_uid)
+    storage = get_contexts(classes + [c for c in GET_STORAGE_CLASSES if c not in classes])
+    contexts = [(model, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])] + storage
+    roles = [build_role(uid, scp_role=True) for uid in dict.fromkeys(c for c, _ in storage)]
+    try:
+        with _association(settings, peer, contexts, roles, [(evt.EVT_C_STORE, handler)]) as a:
+            res = _track(a.send_c_get(ident, model), "C-GET", peer, a, progress, cancel)
+    except NetworkError as exc:
+        partial = RetrieveResult(completed=len(handler.stored), failed=max(1, handler.failed),
+                                 stored=list(handler.stored))
+        if handler.stored:
+            log.warning("C-GET from %s ended with an error after %d instance(s) were filed",
+                        peer.ae_title, len(handler.stored))
+            handler.release()
+            partial.status = getattr(exc, "status", None)
+            return partial
+        exc.result = partial
+        raise
     res.stored = list(handler.stored)
+    res.conflicts = list(handler.conflicts)
+    if not res.cancelled:
+        handler.release()
     return res
 
 

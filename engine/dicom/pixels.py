@@ -260,6 +260,9 @@ def read_header(path: str | Path):
         raise LoadError(where, f"damaged ZIP archive ({exc})") from None
     except KeyError as exc:
         raise LoadError(where, f"member not found in the ZIP archive ({exc})") from None
+    except RecursionError:
+        raise LoadError(where, "the header nests sequences too deeply to read (damaged or hostile "
+                               "file)") from None
     except Exception as exc:  # pydicom raises many types on malformed input
         raise LoadError(where, f"unreadable DICOM header ({type(exc).__name__}: {_short(exc)})") from None
 
@@ -340,11 +343,258 @@ def check_budget(ds, where: str, budget_bytes: int) -> None:
     size = declared_pixel_bytes(ds)
     frames = max(_int(ds, "NumberOfFrames", 1), 1)
     spp = max(_int(ds, "SamplesPerPixel", 1), 1)
-    working = size + rows * cols * spp * 4 * 2  # decoded frame + float32 copies
+    working = decode_working_bytes(ds)
     if working > budget_bytes:
         raise LoadError(where, f"image declares {rows}x{cols}x{frames} frame(s)x{spp} sample(s) = "
-                               f"{size / 2**20:.0f} MiB of pixel data, over the {budget_bytes >> 20} MiB "
-                               f"memory budget; refused before decoding")
+                               f"{size / 2**20:.0f} MiB of pixel data; decoding and display need about "
+                               f"{working / 2**20:.0f} MiB with the float32 working copies, over the "
+                               f"{budget_bytes >> 20} MiB memory budget; refused before decoding")
+
+
+def decode_working_bytes(ds) -> int:
+    """Memory one load_frame needs: the stored pixel data plus two float32 copies of a frame."""
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    spp = max(_int(ds, "SamplesPerPixel", 1), 1)
+    return declared_pixel_bytes(ds) + rows * cols * spp * 4 * 2
+
+
+_memory_guard: Any = None
+
+
+def set_memory_guard(fn: Any) -> None:
+    """Install ``fn(need_bytes)``, called right before pixel data is decoded.
+
+    A sandboxed decode process (engine.safe_decode) uses it to lower its address-space limit to
+    what this file's header and codestream declare, so a decoder that allocates far beyond the
+    declared size fails with MemoryError instead of taking the machine's memory.
+    """
+    global _memory_guard
+    _memory_guard = fn
+
+
+def guard_memory(need_bytes: int) -> None:
+    if _memory_guard is not None:
+        _memory_guard(int(need_bytes))
+
+
+# --------------------------------------------------------------------------------------------
+# Codestream inspection (before any decoder sees the bytes)
+# --------------------------------------------------------------------------------------------
+
+_JPEG_TS = ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+            "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81")
+_J2K_TS = ("1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.92",
+           "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202",
+           "1.2.840.10008.1.2.4.203")
+_RLE_TS = "1.2.840.10008.1.2.5"
+_SEQUENTIAL_SOF = (0xC0, 0xC1)   # baseline and extended sequential DCT (ITU-T T.81 Table B.1)
+
+
+@dataclass
+class Codestream:
+    """What one compressed frame says about itself: (rows, cols, components, bits)."""
+
+    kind: str
+    rows: int
+    cols: int
+    components: int
+    bits: int
+
+    @property
+    def decoded_bytes(self) -> int:
+        return self.rows * self.cols * self.components * max(1, math.ceil(self.bits / 8))
+
+
+def jpeg_sof(frame: bytes) -> Codestream:
+    """Frame size from the first SOFn marker segment (ITU-T T.81 B.2.2); ValueError if absent.
+
+    JPEG-LS SOF55 (T.87 C.2.2) has the same layout. The walk only follows marker segment lengths
+    up to the first SOS, so it is linear in the header size whatever the bytes are.
+    """
+    if not frame.startswith(b"\xff\xd8"):
+        raise ValueError("no JPEG SOI marker at the start of the frame")
+    i, n = 2, len(frame)
+    while i + 4 <= n:
+        if frame[i] != 0xFF:
+            raise ValueError(f"no JPEG marker at byte {i}")
+        marker = frame[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        length = int.from_bytes(frame[i + 2:i + 4], "big")
+        if length < 2:
+            raise ValueError(f"JPEG marker segment of length {length} at byte {i}")
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7):
+            seg = frame[i + 4:i + 2 + length]
+            if len(seg) < 6:
+                raise ValueError("truncated JPEG SOF segment")
+            return Codestream("jpeg", int.from_bytes(seg[1:3], "big"), int.from_bytes(seg[3:5], "big"),
+                              seg[5], seg[0])
+        if marker == 0xDA:
+            break
+        i += 2 + length
+    raise ValueError("no JPEG SOF marker before the image data")
+
+
+def _j2k_offset(frame: bytes) -> int:
+    """Offset of the J2K codestream (SOC) in a raw codestream or a JP2 file (ISO/IEC 15444-1 I.4).
+
+    Boxes are walked with their declared lengths; a length of 0 ('to the end') before the
+    contiguous codestream box, or one shorter than a box header, makes the walk impossible —
+    pydicom's own walk loops forever on the former — so both are refused here.
+    """
+    if frame.startswith(b"\xff\x4f"):
+        return 0
+    if not frame.startswith(b"\x00\x00\x00\x0cjP  "):
+        raise ValueError("neither a JPEG 2000 codestream (SOC) nor a JP2 signature box")
+    off, n = 12, len(frame)
+    while off + 8 <= n:
+        length = int.from_bytes(frame[off:off + 4], "big")
+        box = frame[off + 4:off + 8]
+        if box == b"jp2c":
+            return off + 8
+        if length == 1 and off + 16 <= n:
+            length = int.from_bytes(frame[off + 8:off + 16], "big")
+        if length < 8:
+            raise ValueError(f"JP2 box {box!r} at byte {off} declares length {length}")
+        off += length
+    raise ValueError("no JPEG 2000 codestream box (jp2c) in the JP2 data")
+
+
+def j2k_siz(frame: bytes) -> Codestream:
+    """Image size from the SIZ marker segment (ISO/IEC 15444-1 A.5.1); ValueError if malformed."""
+    off = _j2k_offset(frame)
+    seg = frame[off:off + 2 + 2 + 38 + 3]
+    if len(seg) < 44 or seg[0:4] != b"\xff\x4f\xff\x51":
+        raise ValueError("JPEG 2000 codestream without SOC followed by SIZ")
+    lsiz = int.from_bytes(seg[4:6], "big")
+    xsiz, ysiz, xo, yo = (int.from_bytes(seg[8 + 4 * k:12 + 4 * k], "big") for k in range(4))
+    csiz = int.from_bytes(seg[40:42], "big")
+    if lsiz != 38 + 3 * csiz or csiz == 0 or xsiz <= xo or ysiz <= yo:
+        raise ValueError(f"inconsistent JPEG 2000 SIZ (Lsiz {lsiz}, Csiz {csiz}, "
+                         f"{xsiz}x{ysiz} from {xo},{yo})")
+    ssiz = seg[42]
+    return Codestream("j2k", ysiz - yo, xsiz - xo, csiz, (ssiz & 0x7F) + 1)
+
+
+def rle_header(frame: bytes, rows: int, cols: int) -> Codestream:
+    """Check the 64-byte RLE header (PS3.5 G.5): 1-15 segments with increasing offsets inside the frame.
+
+    RLE declares no size of its own: every segment decodes to exactly rows*cols bytes, so the
+    decoded size follows from the header's Rows/Columns and the segment count.
+    """
+    if len(frame) < 64:
+        raise ValueError(f"RLE frame of {len(frame)} bytes is shorter than its 64-byte header")
+    nseg = int.from_bytes(frame[0:4], "little")
+    offs = [int.from_bytes(frame[4 + 4 * k:8 + 4 * k], "little") for k in range(nseg if 0 < nseg <= 15 else 0)]
+    if not 1 <= nseg <= 15:
+        raise ValueError(f"RLE header declares {nseg} segments (1 to 15 allowed)")
+    if offs[0] != 64 or any(b <= a for a, b in zip(offs, offs[1:])) or offs[-1] >= len(frame):
+        shown = ", ".join(str(o) for o in offs[:4]) + (", ..." if len(offs) > 4 else "")
+        raise ValueError(f"RLE segment offsets ({shown}) do not fit a {len(frame)}-byte frame")
+    return Codestream("rle", rows, cols, nseg, 8)
+
+
+def _frame_fragments(ds, n_frames: int) -> list[bytes]:
+    """The encapsulated frames (PS3.5 A.4) as bytes, one per frame, without decoding anything."""
+    from pydicom.encaps import generate_frames
+
+    return list(generate_frames(ds.PixelData, number_of_frames=n_frames))
+
+
+def inspect_codestreams(ds, where: str, budget_bytes: int) -> list[Codestream]:
+    """Read every compressed frame's own declared size and refuse what the header cannot explain.
+
+    Why: the header budget (check_budget) cannot see inside the codestream; a 974-byte file whose
+    JPEG SOF declares 65500x65500 inside a 64x64 header made the decoder allocate 9.7 GB
+    (DESIGN.md 5). A frame whose codestream disagrees with Rows/Columns is corrupt either way
+    (PS3.5 8.2: the encapsulated image must match the Image Pixel Module), so it is refused
+    before a decoder runs. Native transfer syntaxes return [].
+    """
+    ts = str(getattr(getattr(ds, "file_meta", None), "get", lambda *_: "")("TransferSyntaxUID", "") or "")
+    if ts not in _JPEG_TS and ts not in _J2K_TS and ts != _RLE_TS:
+        return []
+    try:
+        elem = ds["PixelData"]
+    except KeyError:
+        return []
+    if getattr(elem, "is_undefined_length", True) is False:
+        raise LoadError(where, "compressed transfer syntax but the pixel data is not encapsulated "
+                               "(PS3.5 A.4); the file is corrupt or mislabelled")
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    n_frames = max(_int(ds, "NumberOfFrames", 1), 1)
+    try:
+        frames = _frame_fragments(ds, n_frames)
+    except Exception as exc:
+        raise LoadError(where, f"the compressed pixel data is damaged: its fragments cannot be "
+                               f"split into {n_frames} frame(s) ({_short(exc, 100)})") from None
+    out = []
+    for k, fr in enumerate(frames):
+        try:
+            cs = (jpeg_sof(fr) if ts in _JPEG_TS else j2k_siz(fr) if ts in _J2K_TS
+                  else rle_header(fr, rows, cols))
+        except ValueError as exc:
+            raise LoadError(where, f"frame {k + 1} of {n_frames}: corrupt {_ts_name(ts)} data "
+                                   f"({exc}); the file cannot be decoded") from None
+        if (cs.rows, cs.cols) != (rows, cols):
+            raise LoadError(where, f"frame {k + 1}: the {_ts_name(ts)} codestream declares "
+                                   f"{cs.rows}x{cs.cols} but the header says {rows}x{cols}; the file "
+                                   f"is corrupt (refused before decoding)")
+        if cs.decoded_bytes > budget_bytes:
+            raise LoadError(where, f"frame {k + 1}: the {_ts_name(ts)} codestream declares "
+                                   f"{cs.rows}x{cs.cols}x{cs.components} ({cs.decoded_bytes / 2**20:.0f} MiB "
+                                   f"decoded), over the {budget_bytes >> 20} MiB memory budget; "
+                                   f"refused before decoding")
+        out.append(cs)
+    return out
+
+
+def _ts_name(ts: str) -> str:
+    try:
+        from pydicom.uid import UID
+
+        return UID(ts).name
+    except Exception:
+        return ts
+
+
+def repair_sequential_scan(frame: bytes) -> bytes | None:
+    """Set Ss=0, Se=63 in the SOS of a sequential-DCT JPEG frame whose encoder wrote other values.
+
+    ITU-T T.81 B.2.3: for sequential DCT "Ss shall be zero" and "Se shall be set to 63". Some
+    encoders (e.g. the one that wrote NEMA WG-04's 12-bit JPEG extended samples and pydicom's
+    JPEG-lossy.dcm) write Se=0; IJG-based decoders ignore the field, libjpeg refuses it, and
+    pydicom's GDCM plugin refuses 12-bit JPEG extended outright. Returns None if nothing to fix.
+    """
+    try:
+        cs_sof = jpeg_sof(frame)
+    except ValueError:
+        return None
+    del cs_sof
+    i = 2
+    sequential = False
+    buf = bytearray(frame)
+    while i + 4 <= len(buf):
+        if buf[i] != 0xFF:
+            return None
+        marker = buf[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        length = int.from_bytes(buf[i + 2:i + 4], "big")
+        if marker in _SEQUENTIAL_SOF:
+            sequential = True
+        if marker == 0xDA:
+            if not sequential:
+                return None
+            ns = buf[i + 4]
+            ss_at = i + 5 + 2 * ns
+            if ss_at + 1 >= len(buf) or (buf[ss_at] == 0 and buf[ss_at + 1] == 63):
+                return None
+            buf[ss_at], buf[ss_at + 1] = 0, 63
+            return bytes(buf)
+        i += 2 + length
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,6 +640,7 @@ def load_frame(path: str | Path, frame: int = 0, budget_bytes: int = DEFAULT_BUD
     The size budget is checked from the header before any decoding. Raises LoadError only.
     """
     where = str(path)
+    ds = None
     try:
         archive, member = split_zip_path(path)
         try:
@@ -410,6 +661,8 @@ def load_frame(path: str | Path, frame: int = 0, budget_bytes: int = DEFAULT_BUD
                 raise LoadError(where, "the file is truncated or damaged: its pixel data element "
                                        "cannot be read; copy it again from the source")
             raise LoadError(where, "no pixel data in this file")
+        streams = inspect_codestreams(ds, where, budget_bytes)
+        guard_memory(decode_working_bytes(ds) + sum(c.decoded_bytes for c in streams[frame:frame + 1]))
         return frame_from_dataset(ds, frame, where)
     except LoadError:
         raise
@@ -418,31 +671,86 @@ def load_frame(path: str | Path, frame: int = 0, budget_bytes: int = DEFAULT_BUD
     except PermissionError:
         raise LoadError(where, "permission denied; check the file's read permissions") from None
     except MemoryError:
-        raise LoadError(where, "not enough memory to decode this image") from None
-    except Exception as exc:
-        raise LoadError(where, _decode_reason(exc)) from None
+        raise LoadError(where, "decoding this image needs more memory than its header and "
+                               "codestream declare or the memory budget allows; the file is "
+                               "probably corrupt") from None
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - Rust/C extensions raise BaseException subclasses
+        raise LoadError(where, _decode_reason(exc, _ts_of(ds))) from None
 
 
-def _decode_reason(exc: BaseException) -> str:
+def _ts_of(ds) -> str:
+    try:
+        return str(ds.file_meta.TransferSyntaxUID)
+    except Exception:
+        return ""
+
+
+def decoder_available(ts: str) -> bool | None:
+    """Whether any installed pydicom plugin can decode transfer syntax ``ts`` (None: unknown UID)."""
+    try:
+        from pydicom.pixels import get_decoder
+
+        return bool(get_decoder(ts).is_available)
+    except Exception:
+        return None
+
+
+def _decode_reason(exc: BaseException, ts: str = "") -> str:
+    """An honest reason: unsupported (no decoder installed) vs corrupt data (decoders refused it)."""
     msg = _short(exc)
     low = msg.lower()
-    if "plugin" in low or "no pixel data decoders" in low or "unable to decode" in low \
-            or "not supported" in low:
-        return (f"cannot decode this compressed pixel data ({msg}); install the pydicom decoder "
-                f"plugins (pylibjpeg, pylibjpeg-openjpeg, pylibjpeg-libjpeg, python-gdcm)")
-    if "length" in low or "truncat" in low or "buffer" in low or "expected" in low or "eof" in low:
-        return f"pixel data is truncated or damaged ({type(exc).__name__}: {msg})"
+    available = decoder_available(ts) if ts else None
+    if available is False or "no pixel data decoders" in low:
+        return (f"cannot decode {_ts_name(ts) or 'this transfer syntax'}: no decoder plugin for it is "
+                f"installed; install pylibjpeg, pylibjpeg-openjpeg, pylibjpeg-libjpeg and python-gdcm")
+    if available is None and ts and "unable to decode" in low:
+        return f"unsupported transfer syntax {ts}; convert the file to a standard one (PS3.5 10)"
+    if isinstance(exc, RecursionError):
+        return "the header nests sequences too deeply to read (damaged or hostile file)"
+    if type(exc).__name__ == "PanicException":
+        return "the pixel data is corrupt: the decoder stopped on invalid data"
+    if "length" in low or "truncat" in low or "buffer" in low or "expected" in low or "eof" in low \
+            or "end of" in low:
+        return f"the pixel data is truncated or damaged ({type(exc).__name__}: {msg})"
+    if "invalid literal" in low or "could not convert" in low:
+        return f"a header value needed to decode the image is malformed ({msg})"
+    if available and (ts in _JPEG_TS or ts in _J2K_TS or ts == _RLE_TS):
+        return (f"the {_ts_name(ts)} pixel data is corrupt: the installed decoders could not "
+                f"decode it ({type(exc).__name__}: {msg})")
     return f"could not decode the image ({type(exc).__name__}: {msg})"
+
+
+def _pixel_array_repairing(ds, index: int | None, n_frames: int) -> np.ndarray:
+    """pydicom's pixel_array, retried once with sequential-JPEG scan headers made conformant.
+
+    See repair_sequential_scan: 12-bit JPEG extended files with Se=0 decode with every
+    installed plugin once Ss/Se are corrected in memory (the file on disk is never changed).
+    """
+    from pydicom.pixels import pixel_array
+
+    try:
+        return pixel_array(ds, index=index)
+    except Exception:
+        if _ts_of(ds) not in ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"):
+            raise
+        frames = _frame_fragments(ds, n_frames)
+        fixed = [repair_sequential_scan(f) for f in frames]
+        if not any(f is not None for f in fixed):
+            raise
+        from pydicom.encaps import encapsulate
+
+        ds.PixelData = encapsulate([f if f is not None else o for f, o in zip(fixed, frames)])
+        return pixel_array(ds, index=index)
 
 
 def frame_from_dataset(ds, frame: int = 0, where: str = "") -> Frame:
     """Decode one frame of an already-read dataset (budget must have been checked by the caller)."""
-    from pydicom.pixels import pixel_array
-
     n_frames = max(_int(ds, "NumberOfFrames", 1), 1)
     photometric = str(_num(ds, "PhotometricInterpretation", "MONOCHROME2")).strip().upper()
     spp = max(_int(ds, "SamplesPerPixel", 1), 1)
-    arr = pixel_array(ds, index=frame if n_frames > 1 else None)
+    arr = _pixel_array_repairing(ds, frame if n_frames > 1 else None, n_frames)
     if n_frames > 1 and arr.ndim == (4 if spp > 1 else 3):  # some plugins ignore index
         arr = arr[frame]
     modality = str(_num(ds, "Modality", "")).upper()

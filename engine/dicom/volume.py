@@ -18,7 +18,8 @@ from typing import Callable
 
 import numpy as np
 
-from engine.dicom.pixels import (_dcmread, _int, check_budget, header_windows, robust_window)
+from engine.dicom.pixels import (_dcmread, _decode_reason, _int, _ts_of, check_budget, guard_memory,
+                                 header_windows, inspect_codestreams, robust_window)
 from engine.dicom.records import InstanceRecord, SeriesRecord
 from engine.errors import AnalysisCancelled, LoadError
 
@@ -164,6 +165,7 @@ def load_volume(series: SeriesRecord, budget_bytes: int = DEFAULT_VOLUME_BUDGET,
     out: np.ndarray | None = None
     keep = np.ones(n, dtype=bool)
     first_ds = None
+    bad: list[tuple[int, str, str]] = []
     series_uids: Counter = Counter()
     tilt = 0.0
     for k, inst in enumerate(insts):
@@ -173,16 +175,21 @@ def load_volume(series: SeriesRecord, budget_bytes: int = DEFAULT_VOLUME_BUDGET,
                 progress(k / n, f"reading slice {k + 1}/{n}")
             except Exception:
                 pass
+        if k == 0 and rows:
+            guard_memory(n * rows * cols * 4 + 4 * rows * cols * 4)
+        ds = None
         try:
             ds = _dcmread(inst.path, stop_before_pixels=False, cap=budget_bytes)
             check_budget(ds, inst.path, budget_bytes)
+            inspect_codestreams(ds, inst.path, budget_bytes)
             arr = ds.pixel_array
-        except LoadError:
+        except (MemoryError, KeyboardInterrupt, SystemExit):
             raise
-        except Exception as exc:
-            raise LoadError(inst.path, f"slice {k + 1} of {n} could not be decoded "
-                                       f"({type(exc).__name__}: {str(exc)[:120]}); the file may be "
-                                       f"truncated or use an unsupported compression") from None
+        except BaseException as exc:  # noqa: BLE001 - one bad slice is a gap, not a failed series
+            reason = exc.reason if isinstance(exc, LoadError) else _decode_reason(exc, _ts_of(ds))
+            bad.append((k, inst.path, reason))
+            keep[k] = False
+            continue
         if arr.ndim != 2:
             raise LoadError(inst.path, f"expected a single-frame grayscale slice, got shape {arr.shape}")
         if first_ds is None:
@@ -204,6 +211,7 @@ def load_volume(series: SeriesRecord, budget_bytes: int = DEFAULT_VOLUME_BUDGET,
         except Exception:
             slope, inter = 1.0, 0.0
         out = _put_slice(out, k, n, arr, slope, inter)
+    _check_bad_slices(bad, n, warnings)
     if out is None or first_ds is None or not keep.any():
         raise LoadError(where, "no usable slices in the series")
     if not keep.all():
@@ -252,6 +260,34 @@ def load_volume(series: SeriesRecord, budget_bytes: int = DEFAULT_VOLUME_BUDGET,
                   sop_instance_uids=[i.sop_instance_uid for i in insts], warnings=warnings,
                   series_uid=series.series_uid, window=window, windows=windows,
                   slice_thickness=thick, modality=str(first_ds.get("Modality", "") or ""))
+
+
+MAX_BAD_FRACTION = 0.10   # undecodable slices a series may lose and still be analysed ...
+MAX_BAD_RUN = 2           # ... with no more than this many neighbours missing in a row
+
+
+def _check_bad_slices(bad: list[tuple[int, str, str]], n: int, warnings: list[str]) -> None:
+    """The gap rule: a CT series is analysed with a warning when at most 10% of its slices (and
+    no more than 2 neighbouring ones) could not be decoded; otherwise LoadError.
+
+    Why: a radiologist reads a series with one damaged slice and notes the gap; the lung
+    segmentation and slice scores tolerate a missing slice or two (the neighbours are 1-5 mm
+    away), but not a missing lung region. The gap itself is reported by _check_spacing.
+    """
+    if not bad:
+        return
+    idx = sorted(k for k, _, _ in bad)
+    run = longest = 1
+    for a, b in zip(idx, idx[1:]):
+        run = run + 1 if b == a + 1 else 1
+        longest = max(longest, run)
+    k0, path0, reason0 = bad[0]
+    if len(bad) > MAX_BAD_FRACTION * n or longest > MAX_BAD_RUN:
+        raise LoadError(path0, f"{len(bad)} of {n} slices could not be decoded (slice {k0 + 1}: {reason0}); "
+                               f"a CT series is analysed only when at most {MAX_BAD_FRACTION:.0%} of its "
+                               f"slices and no more than {MAX_BAD_RUN} neighbouring slices are missing")
+    warnings.append(f"{len(bad)} of {n} slice(s) could not be decoded and are left out (slice "
+                    f"{k0 + 1}: {reason0}); the volume has a gap there")
 
 
 def _check_cancel(cancel: Callable[[], bool] | None) -> None:
@@ -359,7 +395,9 @@ def _load_multiframe(inst: InstanceRecord, series: SeriesRecord, budget_bytes: i
 
     ds = _dcmread(inst.path, stop_before_pixels=False, cap=budget_bytes)
     check_budget(ds, inst.path, budget_bytes)
+    inspect_codestreams(ds, inst.path, budget_bytes)   # every frame, before any is decoded
     nf = max(_int(ds, "NumberOfFrames", 1), 1)
+    guard_memory(2 * nf * _int(ds, "Rows") * _int(ds, "Columns") * 4)
     frames, pos, ipps = [], [], []
     iop = None
     for f in range(nf):

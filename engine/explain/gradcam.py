@@ -67,6 +67,37 @@ def xray_heatmap(cam_hw: np.ndarray, geom) -> np.ndarray:
     return np.clip(heatmap_to_image(cam_hw, geom), 0.0, 1.0).astype(np.float32)
 
 
+LUNG_EDGE_SIGMA = 0.012   # Gaussian edge of the lung window, fraction of the image's longer side
+
+
+def soft_lung_window(mask: np.ndarray, sigma_frac: float = LUNG_EDGE_SIGMA, work_side: int = 512) -> np.ndarray:
+    """Bool lung mask (rows, cols) -> float32 window in [0, 1] with Gaussian-blurred edges.
+
+    Blurred at <= ``work_side`` pixels and resized back bilinearly: the edge is a few millimetres
+    wide at any resolution, so a 4000-pixel CR costs the same as a JPEG, and no rectangle or
+    staircase edge appears in the overlay."""
+    from scipy import ndimage
+
+    m = np.asarray(mask, dtype=np.float32)
+    rows, cols = m.shape
+    f = min(1.0, work_side / max(rows, cols))
+    small = F.interpolate(torch.from_numpy(m)[None, None], size=(max(1, round(rows * f)), max(1, round(cols * f))),
+                          mode="area")[0, 0].numpy() if f < 1.0 else m
+    small = ndimage.gaussian_filter(small, sigma=sigma_frac * max(small.shape), mode="constant")
+    up = F.interpolate(torch.from_numpy(small)[None, None], size=(rows, cols), mode="bilinear",
+                       align_corners=False)[0, 0].numpy() if f < 1.0 else small
+    return np.clip(up, 0.0, 1.0).astype(np.float32)
+
+
+def restrict_to_lungs(heat: np.ndarray, lung_mask: np.ndarray | None) -> np.ndarray:
+    """Heatmap outside the lungs faded to 0 through the soft lung window (no mask -> unchanged): the
+    findings are lung findings, and Grad-CAM mass on labels, borders or devices outside the lungs is
+    an artefact or a shortcut, not evidence (DESIGN.md section 4)."""
+    if lung_mask is None or lung_mask.shape != heat.shape or not lung_mask.any():
+        return heat
+    return (heat * soft_lung_window(lung_mask)).astype(np.float32)
+
+
 def ct_heatmap(cam_hw: np.ndarray, box: tuple[int, int, int, int], slice_shape: tuple[int, int]) -> np.ndarray:
     """CAM over a resized lung-ROI crop -> the axial slice's pixel grid; ``box`` = (y0, y1, x0, x1)."""
     y0, y1, x0, x1 = box

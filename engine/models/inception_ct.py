@@ -18,7 +18,7 @@ CT_CLASSES: list[str] = ["Non-COVID", "COVID-19"]
 class CTInception(nn.Module):
     """``forward(x)`` returns raw logits (N, 2); ``feature_map`` gives the Grad-CAM layer output."""
 
-    def __init__(self, variant: str = "googlenet") -> None:
+    def __init__(self, variant: str = "googlenet", input_size: int | None = None) -> None:
         super().__init__()
         self.variant = variant
         if variant == "inception_v3":
@@ -33,6 +33,8 @@ class CTInception(nn.Module):
             raise ValueError(f"unknown CT variant {variant!r}; use 'googlenet' or 'inception_v3'")
         net.transform_input = False
         self.net = net
+        if input_size:   # trained at another size (both networks pool adaptively); the card says which
+            self.input_size = int(input_size)
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
         n = self.net

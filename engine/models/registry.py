@@ -67,6 +67,8 @@ def display_name(name: str, arch_params: dict[str, Any] | None = None) -> str:
     if name == CT_MODEL:
         variant = (arch_params or {}).get("variant", "googlenet")
         return "ChestView CT Inception v3" if variant == "inception_v3" else "ChestView CT Inception (GoogLeNet)"
+    if name == "xray-lungseg":
+        return "ChestView X-ray lung U-Net"
     return f"ChestView {name}"
 
 
@@ -142,7 +144,11 @@ def build_architecture(card: dict[str, Any]) -> nn.Module:
     if arch == "CTInception" or (arch is None and card.get("name") == CT_MODEL):
         from engine.models.inception_ct import CTInception
 
-        return CTInception(variant=params.get("variant", "googlenet"))
+        return CTInception(variant=params.get("variant", "googlenet"), input_size=params.get("input_size"))
+    if arch == "LungUNet":
+        from engine.models.lung_unet import LungUNet
+
+        return LungUNet(base=int(params.get("base", 16)), levels=int(params.get("levels", 5)))
     raise ModelError(f"model card {card.get('name')!r}: unknown architecture {arch!r} "
                      "(expected 'XRayDenseNet' or 'CTInception'); update ChestView or fix the card")
 
