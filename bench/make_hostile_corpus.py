@@ -148,16 +148,102 @@ def before(files: list[Path], tree: Path, timeout_s: float = 20.0) -> Counter:
     return c
 
 
+def _series_of(p: Path):
+    from engine.dicom.index import index_path
+
+    found = index_path(p).all_series()
+    return found[0] if found else None
+
+
+def batch_path(files: list[Path], tree: Path | None, timeout_s: float = 20.0) -> Counter:
+    """The batch decode stage (decode_series in a LimitedPool child, pixels kept for the analysis)
+    and then what the analysis would decode in the parent: with ``tree`` the old engine, where a
+    single multi-frame CT is decoded again in the parent (done here in a forked child so a hang
+    or memory blow-up is counted); without, the new engine, whose parent reads only the child's
+    pixels or decodes through the boundary. "misleading reason" = a file refused with a memory
+    or "install the plugins" reason after an earlier file hit the memory limit in the same child."""
+    if tree is not None:
+        sys.path.insert(0, str(tree))
+        for m in [m for m in sys.modules if m == "engine" or m.startswith("engine.")]:
+            del sys.modules[m]
+    import resource
+    import signal
+
+    from engine.errors import LoadError
+    from engine.safe_decode import LimitedPool, decode_series, series_timeout
+
+    c: Counter = Counter()
+    memory_hit = False
+    with LimitedPool(1, timeout_s=timeout_s) as pool:
+        for p in files:
+            se = _series_of(p)
+            if se is None:
+                c["index problem (clean)"] += 1
+                continue
+            try:
+                dec = pool.submit(decode_series, se, True, timeout_s=series_timeout(timeout_s, 1)).result()
+            except LoadError as e:
+                r = e.reason
+                if memory_hit and ("install the pydicom" in r or "not enough memory" in r):
+                    c["misleading reason after a memory hit"] += 1
+                elif "crashed" in r or "killed" in r:
+                    c["crash contained"] += 1
+                elif "longer than" in r:
+                    c["hang stopped"] += 1
+                else:
+                    c["clean error"] += 1
+                memory_hit = memory_hit or "memory" in r
+                continue
+            parent_decodes = (tree is not None and se.kind == "ct" and len(se.instances) == 1
+                              and se.instances[0].frames > 1)
+            if not parent_decodes:
+                c["ok"] += 1
+                continue
+            from engine.dicom.volume import load_volume
+
+            pid = os.fork()
+            if pid == 0:
+                os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+                resource.setrlimit(resource.RLIMIT_AS, (4 * 2**30, 4 * 2**30))
+                try:
+                    load_volume(se)
+                    os._exit(0)
+                except MemoryError:
+                    os._exit(3)
+                except BaseException:  # noqa: BLE001
+                    os._exit(1)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < timeout_s:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    break
+                time.sleep(0.01)
+            else:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                c["hang in the batch parent"] += 1
+                continue
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1
+            c[{0: "ok", 1: "error in the batch parent", 3: "memory kill of the batch parent"}.get(
+                code, "crash of the batch parent")] += 1
+    return c
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("/tmp/hostile_corpus"))
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--before", type=Path, default=None)
-    ap.add_argument("--only", choices=("before", "after", "both"), default="both")
+    ap.add_argument("--only", choices=("before", "after", "both", "batch-before", "batch-after"), default="both")
     a = ap.parse_args()
     t0 = time.time()
     files = make(a.out, a.n)
     print(f"{len(files)} files in {a.out} ({time.time() - t0:.0f} s)")
+    if a.only.startswith("batch-"):
+        t0 = time.time()
+        tree = a.before if a.only == "batch-before" else None
+        print(f"{a.only}: {dict(batch_path(files, tree))}  [{time.time() - t0:.0f} s]", flush=True)
+        return
     if a.only in ("after", "both"):
         t0 = time.time()
         print(f"after  (viewer path, sandboxed): {dict(after(files))}  [{time.time() - t0:.0f} s]", flush=True)

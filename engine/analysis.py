@@ -328,7 +328,8 @@ class Analyzer:
                     results.append(res)
                     continue
                 self._xray_findings(res, lm, path_logits[j], covid_logits[j])
-                if sev_model is not None and it.lung_input is not None and it.lung_input.zones is not None:
+                if (sev_model is not None and validity.passed and it.lung_input is not None
+                        and it.lung_input.zones is not None):
                     res.severity = self._zone_severity(fmap[j], it, sev_model)
                 if want_heatmaps and lm.trained and validity.passed:
                     _report(progress, 0.7, "computing heatmaps")
@@ -599,7 +600,8 @@ class Analyzer:
         from engine.ct_verdict import BASIS_SLICE_ONLY, ct_verdict
 
         finding = next((f for f in res.findings if f.label == label), None)
-        verdict = ct_verdict(res.ct_study_probability, None if finding is None else finding.threshold,
+        thr = finding.threshold if finding is not None else (lm.card.get("thresholds") or {}).get(label)
+        verdict = ct_verdict(res.ct_study_probability, None if thr is None else float(thr),
                              getattr(res, "ct_quant", None), is_volume=n_slices >= MIN_QUANT_SLICES,
                              gate_passed=res.validity.passed, trained=lm.trained)
         res.ct_verdict = verdict

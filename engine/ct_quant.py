@@ -20,9 +20,10 @@ Pure numpy/scipy (no torch, no Qt). Steps, each a small function below:
    slice positions, so gaps from missing slices do not shift the zones). Zones, not lobes.
 5. **HU classes** inside each lung (DESIGN.md section 4): emphysema-range < -950 HU; normally
    aerated -950 to -700 HU (well-aerated lung, Colombi et al., Radiology 2020;296:E86);
-   ground-glass -700 to -300 HU and consolidation -300 to +50 HU (the bands used for COVID-19
-   CT quantification, e.g. Lessmann et al., Radiology 2021;298:E18; Chung et al., Radiology
-   2020;295:202).
+   ground-glass -700 to -300 HU and consolidation -300 to +50 HU (the bands of DESIGN.md
+   section 4; ground glass = hazy increase that keeps vessels visible, consolidation = opacity
+   that hides them, Fleischner glossary, Hansell et al., Radiology 2008;246:697, as used for
+   COVID-19 by Chung et al., Radiology 2020;295:202).
 6. **Vessels and airway walls excluded** from the opacity classes by size and shape: dense voxels
    (>= -300 HU) are kept as consolidation only where a ball of ``MIN_CONSOLIDATION_RADIUS_MM``
    fits inside the dense region (a morphological opening computed with two Euclidean distance

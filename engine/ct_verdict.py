@@ -55,9 +55,12 @@ def ct_verdict(probability: float | None, threshold: float | None, quant: Any | 
     """
     opacity = _opacity(quant)
     v = CTVerdict(False, BASIS_COMBINED if is_volume else BASIS_SLICE_ONLY, probability, threshold, opacity)
-    if not trained or probability is None or threshold is None:
+    if not trained or threshold is None:
         v.basis = BASIS_NONE
         v.reasons.append("No trained CT classifier: no COVID-19 verdict.")
+        return v
+    if probability is None:
+        v.reasons.append("No slice was scored (no lungs found in this series): no COVID-19 verdict.")
         return v
     above = probability >= threshold
     if not is_volume:
@@ -76,12 +79,12 @@ def ct_verdict(probability: float | None, threshold: float | None, quant: Any | 
         return v
     if opacity < MIN_OPACITY_PERCENT:
         v.reasons.append(f"Classifier probability {probability:.2f} is above its threshold, but ground glass + "
-                         f"consolidation is only {opacity:.1f}% of the lung volume (< {MIN_OPACITY_PERCENT:g}%): "
+                         f"consolidation is only {opacity:.2f}% of the lung volume (< {MIN_OPACITY_PERCENT:g}%): "
                          "no pneumonia burden, no flag.")
         return v
     v.flag = True
     v.reasons.append(f"Classifier probability {probability:.2f} >= {threshold:.2f} and ground glass + "
-                     f"consolidation {opacity:.1f}% of the lung volume (>= {MIN_OPACITY_PERCENT:g}%).")
+                     f"consolidation {opacity:.2f}% of the lung volume (>= {MIN_OPACITY_PERCENT:g}%).")
     return v
 
 

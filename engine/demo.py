@@ -65,6 +65,7 @@ def _copy_radiograph(src: Path, dst: Path, *, patient_name: str, patient_id: str
     ds.PatientName = patient_name
     ds.PatientID = patient_id
     ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "ChestView demo: identifying attributes emptied"  # Type 1C (PS3.3 C.7.1.1)
     ds.StudyInstanceUID = _uid(study_key, "study")
     ds.SeriesInstanceUID = _uid(study_key, "series", str(series_number))
     ds.SOPInstanceUID = _uid(study_key, "sop", str(series_number))

@@ -883,7 +883,6 @@ def evaluate_ct(model, info: dict, data: Path, write_card: bool, out_dir: Path, 
                 "Chung M, Bernheim A, Mei X, et al. CT imaging features of 2019 novel coronavirus (2019-nCoV). "
                 "Radiology 2020;295:202-207."],
             ood=ood, fp16_check=f16,
-            intended_use="research use only, not for diagnostic use",
             limitations=["Trained on 2-D slices cut from paper figures (no HU, varied windows), applied to HU "
                          "volumes at inference; the shared preprocessing narrows but does not remove this gap and "
                          "the validation numbers do not measure it (see specificity_check).",

@@ -314,6 +314,7 @@ def write_phantom_series(out_dir: str | Path, geom: PhantomGeometry = PhantomGeo
     base.PatientBirthDate = ""
     base.PatientSex = "O"
     base.PatientIdentityRemoved = "YES"
+    base.DeidentificationMethod = "Synthetic phantom: no patient data"  # Type 1C with the above (PS3.3 C.7.1.1)
     base.BodyPartExamined = "CHEST"
     base.SliceThickness = f"{geom.slice_mm:g}"
     base.SpacingBetweenSlices = f"{geom.slice_mm:g}"

@@ -96,8 +96,8 @@ def severity_metrics(result: Any) -> tuple[dict[str, float], dict[str, float]]:
             if v is not None:
                 out[key] = v
         zones = _zone_values(sev)
-        total = next((v for v in (_num(getattr(sev, n, None)) for n in ("brixia_total", "brixia_score",
-                                                                         "global_score")) if v is not None), None)
+        total = next((v for v in (_num(getattr(sev, n, None)) for n in ("brixia_global", "brixia_total",
+                                                                         "brixia_score")) if v is not None), None)
         if total is None and len(zones) == 6:
             total = float(sum(zones.values()))
         if total is not None:
@@ -183,7 +183,7 @@ _ROW_STATUS_RANK = {"ok": 0, "invalid": 1, "failed": 2, "unsupported": 3}
 def point_from_row(row: Mapping[str, Any]) -> TrendPoint:
     sev: dict[str, float] = {}
     for key, col in (("extent", "severity_extent"), ("opacity", "severity_opacity"),
-                     ("brixia", "severity_brixia"), ("brixia", "brixia_total"),
+                     ("brixia", "brixia_global"), ("brixia", "brixia_total"),
                      ("ct_score", "ct_severity_score"), ("ct_opacity_pct", "ct_opacity_percent"),
                      ("ct_opacity_pct", "ct_total_opacity_percent")):
         v = _num(row.get(col))
@@ -195,8 +195,8 @@ def point_from_row(row: Mapping[str, Any]) -> TrendPoint:
             v = _num(q.get(col))
             if v is not None:
                 sev.setdefault(key, v)
-    zones = {}
-    z = row.get("zone_scores") or row.get("brixia_zones")
+    zones = {k: v for k, v in ((k, _num(row.get(f"zone_{k}"))) for k in ZONES) if v is not None}
+    z = None if zones else (row.get("zone_scores") or row.get("brixia_zones"))
     if isinstance(z, Mapping):
         zones = {str(k): v for k, v in ((k, _num(v)) for k, v in z.items()) if v is not None}
     elif isinstance(z, Sequence) and not isinstance(z, str) and len(z) == 6:
@@ -301,3 +301,42 @@ def trend_svg(points: Sequence[TrendPoint], width: int = 560, height: int = 200)
                      f"font-size='10'>{e(label)}</text>")
     parts.append("</svg>")
     return "".join(parts)
+
+
+# -- priors held by a PACS (read-only C-FIND, engine.dicom.network) ------------------------------
+def remote_priors(matches: Iterable[Any], local_study_uids: set[str], current: StudyRecord) -> list[Any]:
+    """Study-level matches (``StudyMatch``) of the current patient that are earlier than ``current``
+    and not opened here, newest first; the same study from two peers is listed once."""
+    cur = study_datetime(current.study_date, current.study_time)
+    seen: dict[str, Any] = {}
+    for m in matches:
+        when = study_datetime(m.study_date, m.study_time)
+        if m.study_uid in local_study_uids or m.study_uid in seen or when is None:
+            continue
+        if m.patient_id != current.patient_id or (cur is not None and when >= cur):
+            continue
+        seen[m.study_uid] = m
+    return sorted(seen.values(), key=lambda m: study_datetime(m.study_date, m.study_time), reverse=True)
+
+
+def query_pacs_priors(settings: Any, current: StudyRecord, local_study_uids: set[str],
+                      cancel: Any = None) -> tuple[list[tuple[str, Any]], list[str]]:
+    """C-FIND every configured peer for the current patient's studies (STUDY level, Patient ID
+    match, PS3.4 C.6.2); returns ([(peer name, StudyMatch)] earlier and not opened here, newest
+    first, [problems]). Read-only: nothing is retrieved. Blocking network I/O: worker threads."""
+    from engine.dicom.network import NetworkError, StudyQuery, find_studies
+
+    found: list[tuple[str, Any]] = []
+    problems: list[str] = []
+    taken: set[str] = set(local_study_uids)
+    for peer in getattr(settings, "peers", []) or []:
+        try:
+            matches = find_studies(settings, peer, StudyQuery(patient_id=current.patient_id), cancel)
+        except (NetworkError, OSError, ValueError) as exc:
+            problems.append(f"{peer.name}: {exc}")
+            continue
+        for m in remote_priors(matches, taken, current):
+            taken.add(m.study_uid)
+            found.append((peer.name, m))
+    found.sort(key=lambda pm: study_datetime(pm[1].study_date, pm[1].study_time), reverse=True)
+    return found, problems

@@ -33,6 +33,9 @@ The rows are a stable contract (the Ray engine must reproduce them). ``results.j
     top_label         str; positive_labels [str]
     probabilities     {label: float (6 decimals)};  thresholds {label: float}
     severity_extent (0-8), severity_opacity (0-6), ct_study_probability, lung_volume_ml: float | null
+    severity_method   "zone-ridge" | "cohen-logit" | null (engine.results.Severity.method)
+    brixia_global (0-18), zone_A ... zone_F (0-3): float | null; Brixia zones A/B/C right upper/middle/
+                      lower, D/E/F left, as thirds of each lung's height (an approximation of the zones)
     ct_quant          CT HU quantification (engine.results.CTQuantification.to_dict) | null
     models            ["<name> <version> (trained|untrained)"];  device  str (TIMING-like: run environment)
     error             str | null (why this series failed; also counted in failures_by_reason)
@@ -72,7 +75,9 @@ ROW_KEYS = (
     "score", "top_label", "positive_labels", "probabilities", "thresholds", "severity_extent",
     "severity_opacity", "ct_study_probability", "lung_volume_ml", "models", "device", "error",
     "warnings", "thumbnail", "heatmap_target", "heatmap_slice", "intended_use", "timings_ms", "ct_quant",
+    "severity_method", "brixia_global", "zone_A", "zone_B", "zone_C", "zone_D", "zone_E", "zone_F",
 )
+ZONE_KEYS = tuple(f"zone_{z}" for z in "ABCDEF")   # Brixia zones (engine.severity_zones.ZONE_NAMES)
 DEID_INPUT = "<de-identified>"
 _WORD = re.compile(r"[^\W_]+")   # a run of letters/digits (Unicode); '_', '^', '-' separate
 
@@ -245,6 +250,7 @@ def build_row(patient: Any, study: Any, series: Any, result: Any | None, *, erro
             heatmap_slice=hm.slice_index if hm is not None and thumbnail else None,
         )
         row["warnings"] = list(dict.fromkeys(row["warnings"] + [deid.scrub(w) for w in result.warnings]))
+        row.update(severity_columns(result.severity))
         q = getattr(result, "ct_quant", None)
         if q is not None:
             row["ct_quant"] = _ct_quant_row(q)
@@ -263,11 +269,20 @@ def build_row(patient: Any, study: Any, series: Any, result: Any | None, *, erro
     return row
 
 
+def severity_columns(s: Any) -> dict[str, Any]:
+    """Method, Brixia global and the six zone scores of a Severity (all null when absent)."""
+    zs = dict(getattr(s, "zone_scores", None) or {}) if s is not None else {}
+    out: dict[str, Any] = {"severity_method": (getattr(s, "method", None) or None) if s is not None else None,
+                           "brixia_global": _r6(getattr(s, "brixia_global", None)) if s is not None else None}
+    out.update({k: _r6(zs.get(k[-1])) for k in ZONE_KEYS})
+    return out
+
+
 def _ct_quant_row(q: Any) -> dict[str, Any]:
     """The JSON form of a CTQuantification without the timings (they differ run to run)."""
     d = q.to_dict()
     d.pop("timings_ms", None)
-    return d
+    return json.loads(json.dumps(d))     # tuples -> lists: the same row whether fresh or read back
 
 
 def ct_quant_columns(row: dict[str, Any]) -> dict[str, Any]:
@@ -404,7 +419,8 @@ def build_results(rows: list[dict[str, Any]], problems: list[dict[str, str]], mo
 CSV_FIXED = ["patient_id", "patient_name", "birth_date", "study_uid", "study_date", "accession_number",
              "series_uid", "series_number", "modality", "kind", "series_description", "n_images", "status",
              "valid", "validity_reasons", "ood_score", "score", "top_label", "positive_labels",
-             "severity_extent", "severity_opacity", "ct_study_probability", "lung_volume_ml", "models",
+             "severity_extent", "severity_opacity", "severity_method", "brixia_global", *ZONE_KEYS,
+             "ct_study_probability", "lung_volume_ml", "models",
              "device", "error", "warnings", "thumbnail", "intended_use"]
 
 
@@ -496,6 +512,42 @@ def _ct_quant_cell(r: dict[str, Any]) -> str:
             + f"<table class='small'><tr><th>zone</th><th>GGO %</th><th>cons. %</th></tr>{zones}</table></td>")
 
 
+# Zone score colours at 0, 1, 2, 3 (the viewer's zone table uses the same stops, viewer.zone_overlay).
+_ZONE_STOPS = ((80, 200, 120), (240, 215, 60), (250, 145, 40), (235, 55, 55))
+
+
+def _zone_bg(v: float | None, greyed: bool) -> str:
+    if v is None or greyed:
+        return "#ddd"
+    x = max(0.0, min(3.0, float(v)))
+    i = min(int(x), 2)
+    t = x - i
+    a, b = _ZONE_STOPS[i], _ZONE_STOPS[i + 1]
+    return "#" + "".join(f"{round(p + (q - p) * t):02x}" for p, q in zip(a, b))
+
+
+def _zone_cell(r: dict[str, Any]) -> str:
+    """Brixia global and a 2x3 grid (columns patient right / left as on a PA image, rows upper /
+    middle / lower), each zone 0-3 with one decimal; grey when the validity gate failed."""
+    g = r.get("brixia_global")
+    zones = {k[-1]: r.get(k) for k in ZONE_KEYS}
+    if g is None and all(v is None for v in zones.values()):
+        return "<td class='sev' data-v=''></td>"
+    greyed = r.get("valid") is False
+
+    def cell(z: str) -> str:
+        v = zones[z]
+        return (f"<td style='background:{_zone_bg(v, greyed)};text-align:center;padding:0 4px'>"
+                f"{z}&nbsp;{'' if v is None else f'{float(v):.1f}'}</td>")
+
+    grid = "".join(f"<tr><td>{name}</td>{cell(a)}{cell(b)}</tr>"
+                   for name, a, b in (("upper", "A", "D"), ("middle", "B", "E"), ("lower", "C", "F")))
+    return (f"<td class='sev' data-v='{'' if g is None else g}'><b>{_fmt(g, 1)}</b>/18 "
+            f"<span class='small'>({html.escape(str(r.get('severity_method') or ''))})</span>"
+            f"<table class='small bz'><tr><th></th><th>R</th><th>L</th></tr>{grid}</table>"
+            "<span class='small'>thirds approximation of the Brixia zones</span></td>")
+
+
 def trend_section(rows: list[dict[str, Any]]) -> str:
     """Per patient with two or more dated studies: an inline SVG of severity and probabilities by
     study date and the values as a table (engine.priors). Patients appear under the ID the rows
@@ -534,6 +586,7 @@ def to_html(results: dict[str, Any]) -> str:
         "<li>no model ran (no analysable series)</li>"
     cols = [("Image", 0), ("Patient", 0), ("Study date", 0), ("Modality", 0), ("Series", 0), ("Status", 0),
             ("Validity", 0), ("Score", 1), ("Top finding", 0), ("Extent 0-8", 1), ("Opacity 0-6", 1),
+            ("Brixia 0-18 (zones)", 1),
             ("CT quant (zones)", 1), ("Positive", 0), ("Models", 0), ("Error / warnings", 0), ("Time s", 1)]
     head = "".join(f"<th data-num='{n}'>{e(c)}</th>" for c, n in cols)
     body = []
@@ -561,6 +614,7 @@ def to_html(results: dict[str, Any]) -> str:
             f"<td>{e(r['top_label'] or '')}</td>",
             f"<td class='sev' data-v='{'' if r['severity_extent'] is None else r['severity_extent']}'>{_fmt(r['severity_extent'], 2)}</td>",
             f"<td class='sev' data-v='{'' if r['severity_opacity'] is None else r['severity_opacity']}'>{_fmt(r['severity_opacity'], 2)}</td>",
+            _zone_cell(r),
             _ct_quant_cell(r),
             f"<td>{e(', '.join(r['positive_labels']))}</td>",
             f"<td class='small'>{e('; '.join(r['models']))}</td>",

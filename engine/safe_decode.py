@@ -240,7 +240,8 @@ def reuse_decoded(decoded: Iterable[Any]) -> Iterator[None]:
 # Returning decoded pixels through shared memory
 # ----------------------------------------------------------------------------------------------
 SHM_DIR = "/dev/shm"
-SHM_MIN_BYTES = 256 * 1024   # smaller buffers travel inside the pickle (a file per buffer costs more)
+SHM_MIN_BYTES = 4 * 2**20    # smaller buffers travel inside the pickle: creating, mapping and
+                             # unlinking a file costs more than piping a 512x512 slice (bench)
 
 
 def _shm_usable() -> bool:
@@ -307,6 +308,28 @@ def _loads(data: bytes) -> Any:
     except OSError as e:
         raise LoadError(None, f"the decoded pixels could not be mapped back ({e.strerror})") from None
     return pickle.loads(body, buffers=buffers)
+
+
+def _unlink_orphans() -> None:
+    """Remove buffers left by a process that was killed before it mapped them (kill -9 of a
+    batch): their names carry the dead parent's pid."""
+    if not _shm_usable():
+        return
+    try:
+        names = [n for n in os.listdir(SHM_DIR) if n.startswith("chestview-")]
+    except OSError:
+        return
+    for name in names:
+        try:
+            pid = int(name.split("-")[1])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+            except OSError:
+                pass
+        except (ValueError, IndexError, PermissionError, OSError):
+            continue
 
 
 def _unlink_prefix(prefix: str) -> None:
@@ -608,6 +631,8 @@ class LimitedPool:
         with LimitedPool._seq_lock:
             LimitedPool._seq += 1
             self._prefix = f"chestview-{os.getpid()}-{LimitedPool._seq}-"
+            if LimitedPool._seq == 1:
+                _unlink_orphans()
         self._threads = [threading.Thread(target=self._slot, args=(i,), name=f"decode-slot-{i}", daemon=True)
                          for i in range(self.workers)]
         self.replaced = 0  # children killed or died and restarted (for tests and the bench)

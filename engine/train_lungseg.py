@@ -128,6 +128,7 @@ def _jpeg(img: np.ndarray, quality: int) -> np.ndarray:
 
 def augment(img8: np.ndarray, valid: np.ndarray, lab: np.ndarray, rng: np.random.Generator):
     """One training sample: (uint8 image, valid, labels) -> (model input float32, labels)."""
+    from PIL import Image
     from scipy import ndimage
 
     img = img8.astype(np.float32) / 255.0
@@ -135,11 +136,10 @@ def augment(img8: np.ndarray, valid: np.ndarray, lab: np.ndarray, rng: np.random
         img, valid, lab = _affine(img, valid, lab, rng)
     n = img.shape[0]
     if rng.random() < 0.3:                                   # acquisition / web resolution
-        f = rng.uniform(0.25, 0.7)
-        small = max(16, int(n * f))
-        img = np.asarray(__import__("PIL.Image", fromlist=["Image"]).fromarray(
-            np.round(img * 255).astype(np.uint8)).resize((small, small), 2).resize((n, n), 2),
-            dtype=np.float32) / 255.0
+        small = max(16, int(n * rng.uniform(0.25, 0.7)))
+        pil = Image.fromarray(np.round(np.clip(img, 0, 1) * 255).astype(np.uint8))
+        img = np.asarray(pil.resize((small, small), Image.BILINEAR).resize((n, n), Image.BILINEAR),
+                         dtype=np.float32) / 255.0
     if rng.random() < 0.3:
         img = ndimage.gaussian_filter(img, rng.uniform(0.5, 1.8))
     if rng.random() < 0.8:                                   # detector response / VOI differences

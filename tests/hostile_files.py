@@ -99,6 +99,18 @@ def rle_bomb(path: Path) -> Path:
     return _save_encapsulated(image_dataset("rlebomb", RLE, bits=8), [hdr + b"\x00" * 100], path)
 
 
+RLE_PANIC_FRAME = bytes.fromhex(
+    "02000000400000006100000000000000000000000000000000000000000000000000000000000000"
+    "000000000000000000000000000000000000000000000000" "6bdd0a7309cb4a1252e4da70e6720fcaa4da1e98"
+    "406c189c24279e9851d5814204136feb5713c166b13269dd63fc35c797ff08a6cd90095066a745addb"
+    "6d8831c2b0f87821")
+
+
+def rle_panic(path: Path) -> Path:
+    """A 4x4 16-bit RLE frame on which pylibjpeg-rle panics (pyo3 PanicException, a BaseException)."""
+    return _save_encapsulated(image_dataset("rlepanic", RLE, rows=4, cols=4), [RLE_PANIC_FRAME], path)
+
+
 def j2k_zero_box(seed: int = 0) -> bytes:
     """A JP2 file whose second box has length 0: pydicom's box walk never advances."""
     return (b"\x00\x00\x00\x0cjP  \r\n\x87\n" + b"\x00\x00\x00\x14ftypjp2 \x00\x00\x00\x00jp2 "
@@ -211,6 +223,7 @@ BUILDERS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "jpeg_sof_bomb.dcm": (jpeg_sof_bomb, "65500x65500"),
     "j2k_siz_bomb.dcm": (j2k_siz_bomb, "60000x60000"),
     "rle_bomb.dcm": (rle_bomb, "RLE"),
+    "rle_panic.dcm": (rle_panic, "decoder stopped on invalid data"),
     "j2k_zero_box.dcm": (j2k_loop, "length 0"),
     "multiframe_hostile.dcm": (multiframe_later_hostile, "frame 2"),
     "deep_nesting.dcm": (deep_nesting, ""),

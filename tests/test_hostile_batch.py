@@ -23,6 +23,12 @@ def test_batch_survives_the_hostile_corpus_without_leaking_identifiers(tmp_path:
         d = inp / "Doe_John_1961" / name.replace(".dcm", "")
         d.mkdir(parents=True)
         build(d / name)
+    from pydicom.data import get_testdata_file
+
+    import shutil
+
+    (inp / "media").mkdir()      # a DICOMDIR whose referenced files were not copied
+    shutil.copy(get_testdata_file("DICOMDIR"), inp / "media" / "DICOMDIR")
     for k in range(2):   # genuine studies sorted after the hostile ones
         (inp / f"zz_genuine{k}").mkdir()
         hf.genuine_cr(inp / f"zz_genuine{k}" / "cr.dcm", seed=10 + k)
@@ -35,8 +41,16 @@ def test_batch_survives_the_hostile_corpus_without_leaking_identifiers(tmp_path:
     for name, (_, frag) in hf.BUILDERS.items():
         if frag:
             assert any(frag in t for t in texts), (name, texts)
-    genuine = [row for row in res["rows"] if not row.get("error")]
-    assert len(genuine) == 2, texts
+    assert any("media directory" in t for t in texts) and any("missing on disk" in t for t in texts)
+    assert all(p["path"].startswith("file-") for p in res["problems"] if p["path"])   # hashed names
+    # the genuine studies after the hostile ones were decoded by a healthy child (a thumbnail and
+    # a decode time) and reached the model stage: no decode reason, whatever the model said
+    uids = {hf._uid(f"genuine{10 + k}series") for k in range(2)}
+    genuine = [row for row in res["rows"] if row["series_uid"] in uids]
+    assert len(genuine) == 2
+    for row in genuine:
+        assert row["thumbnail"] and row["timings_ms"].get("decode", 0) > 0, row
+        assert not row.get("error") or row["error"].startswith("Analysis failed ("), row["error"]
     leaked = r.stderr + r.stdout + json.dumps(res["problems"])
     for ident in ("Doe_John", "Hostile", "HOSTILE-", "Hannah"):
         assert ident not in leaked, ident

@@ -5,9 +5,9 @@ hangs or bloats the test process; genuine files decode identically through the b
 """
 from __future__ import annotations
 
+import mmap
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +32,12 @@ def corpus(tmp_path_factory) -> Path:
 def test_hostile_file_is_a_clean_load_error(corpus: Path, name: str) -> None:
     from engine.safe_decode import bounded_load_frame
 
+    frame = 0
+    if name == "multiframe_hostile.dcm":   # its first frame is genuine and still displays
+        assert bounded_load_frame(corpus / name, 0).values.shape == (64, 64)
+        frame = 1
     with pytest.raises(LoadError) as ei:
-        bounded_load_frame(corpus / name)
+        bounded_load_frame(corpus / name, frame)
     reason = ei.value.reason
     assert hf.BUILDERS[name][1] in reason, reason
     assert "install" not in reason                   # corrupt is not "missing plugins"
@@ -190,20 +194,38 @@ def test_dicomdir_in_a_scanned_folder_is_listed_with_missing_files(tmp_path: Pat
     assert res.files_seen == 3
 
 
-def test_logscrub_removes_identifiers_from_warnings_and_logs(capsys) -> None:
-    import logging
+def test_logscrub_removes_identifiers_from_warnings_and_logs(tmp_path: Path) -> None:
+    """In a fresh process, as main.py installs it: pydicom's own warning about a damaged patient
+    name, a log record and an exception traceback reach stderr without the identifiers."""
+    import subprocess
 
     from engine import logscrub
 
-    logscrub.install()
-    try:
-        warnings.warn("Invalid value for VR PN: b'Doe^John' in /data/Doe_John/IMG1.dcm", UserWarning)
-        logging.getLogger("pydicom").warning("name %s id %s", "Doe^John", "'PID-778890'")
-        err = capsys.readouterr().err
-    finally:
-        logscrub.uninstall()
-    assert "Doe" not in err and "778890" not in err and "/data/" not in err
-    assert "<file #" in err
+    folder = tmp_path / "Doe_John_1961"
+    folder.mkdir()
+    bad = hf.bad_element(folder / "IMG1.dcm")
+    code = f"""
+import logging, warnings
+from engine.logscrub import install
+install()
+logging.basicConfig(level=logging.INFO)
+warnings.simplefilter("always")
+import pydicom
+from pydicom.valuerep import PersonName
+ds = pydicom.dcmread({str(bad)!r})
+warnings.warn("Invalid value for VR PN: b'Doe^John' in {folder}/IMG1.dcm", UserWarning)
+logging.getLogger("pydicom").warning("name %s id %s in %s", "Doe^John", "'PID-778890'", {str(bad)!r})
+try:
+    open({str(folder / "missing.dcm")!r})
+except OSError:
+    logging.getLogger("engine").exception("could not read")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=str(Path(__file__).resolve().parents[1]))
+    err = r.stderr
+    assert r.returncode == 0, err
+    assert "Doe" not in err and "778890" not in err and str(tmp_path) not in err, err
+    assert err.count("<file #") >= 2
     assert logscrub.deid_path("Doe_John/IMG1.dcm", b"k").startswith("file-")
     assert "Doe" not in logscrub.deid_path("Doe_John/IMG1.dcm", b"k")
 
@@ -237,3 +259,42 @@ def test_fuzzed_headers_and_codestreams_never_escape_the_loader(tmp_path: Path) 
             assert e.reason
 
     check()
+
+
+def test_volume_comes_back_through_shared_memory_unchanged(tmp_path: Path) -> None:
+    """A 40x256x256 CT (5 MiB of int16) crosses the boundary as a /dev/shm buffer, not the pipe."""
+    import engine.safe_decode as sd
+    from engine.dicom.index import index_path
+    from engine.dicom.volume import load_volume
+
+    for z in range(40):
+        ds = hf.image_dataset("shmvol", hf.EXPLICIT_LE, rows=256, cols=256, modality="CT")
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = hf._uid(f"shm{z}")
+        ds.ImagePositionPatient, ds.InstanceNumber = [0, 0, float(z)], z + 1
+        ds.PixelData = (np.arange(256 * 256, dtype=np.uint16).reshape(256, 256) % 4000 + z).tobytes()
+        ds.save_as(tmp_path / f"s{z:02d}.dcm", enforce_file_format=True)
+    se = index_path(tmp_path).all_series()[0]
+    ref = load_volume(se)
+    got = sd.bounded_load_volume(se)
+    assert np.array_equal(ref.hu, got.hu) and ref.positions == got.positions
+    base = got.hu
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    base = base.obj if isinstance(base, memoryview) else base
+    assert isinstance(base, mmap.mmap)                 # mapped from /dev/shm, not unpickled bytes
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"chestview-{os.getpid()}-")]
+
+
+def test_orphaned_buffers_of_a_killed_parent_are_removed() -> None:
+    from engine.safe_decode import _unlink_orphans
+
+    orphan = Path("/dev/shm") / "chestview-999999999-1-0-1-0"
+    orphan.write_bytes(b"x")
+    mine = Path("/dev/shm") / f"chestview-{os.getpid()}-999-0-1-0"
+    mine.write_bytes(b"x")
+    try:
+        _unlink_orphans()
+        assert not orphan.exists() and mine.exists()
+    finally:
+        mine.unlink(missing_ok=True)
+        orphan.unlink(missing_ok=True)

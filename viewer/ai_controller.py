@@ -374,7 +374,7 @@ class AIController(QObject):
                 target.source_paths = list(vol.instance_paths)
             else:
                 def resolve(series=series) -> list[str]:
-                    from engine.dicom.volume import load_volume
+                    from engine.service import load_volume  # sandboxed decode (DESIGN.md 5)
 
                     return list(load_volume(series).instance_paths)
                 target.resolve_sources = resolve

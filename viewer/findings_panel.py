@@ -3,7 +3,8 @@
 Order is deliberate: the research-use banner and the model identity are pinned at the top and
 never scroll away; then the validity-gate verdict *before* any score (a failed gate greys every
 score and says why); then findings with the model's operating threshold marked on each bar;
-severity (Cohen et al. 2020) as numbers and gauges; the CT block (study probability, lung
+severity (Cohen et al. 2020 scales, and the Brixia zone table of viewer.zone_overlay when the zone
+scorer made one) as numbers and gauges; the CT block (study probability, lung
 volume, slice strip); heatmap controls; timings and device in small print.
 Untrained models never produce findings here: they are listed as "untrained — no findings".
 """
@@ -191,13 +192,19 @@ class FindingsPanel(QWidget):
         self.opacity_bar = ScoreBar(maximum=6, ticks=True)
         self.extent_value = QLabel("—")
         self.opacity_value = QLabel("—")
-        sl.addWidget(QLabel("Geographic extent"), 0, 0)
+        sl.addWidget(QLabel("Geographic extent (0–8)"), 0, 0)
         sl.addWidget(self.extent_bar, 0, 1)
         sl.addWidget(self.extent_value, 0, 2)
-        sl.addWidget(QLabel("Opacity"), 1, 0)
+        sl.addWidget(QLabel("Opacity (0–6)"), 1, 0)
         sl.addWidget(self.opacity_bar, 1, 1)
         sl.addWidget(self.opacity_value, 1, 2)
         sl.setColumnStretch(1, 1)
+        from viewer.zone_overlay import ZoneScoreBox   # Brixia zone table + grid switch (viewer.zone_overlay)
+        self.severity_method = _small(QLabel(""))
+        self.severity_method.setWordWrap(True)
+        sl.addWidget(self.severity_method, 2, 0, 1, 3)
+        self.zone_box = ZoneScoreBox()
+        sl.addWidget(self.zone_box, 3, 0, 1, 3)
         self.severity_box.setToolTip("From the raw 'Lung Opacity' output (Cohen et al. 2020, 94 images, "
                                      "3 raters): MAE 1.14 (extent, 0-8) and 0.78 (opacity, 0-6)")
         self.body_layout.addWidget(self.severity_box)
@@ -474,7 +481,26 @@ class FindingsPanel(QWidget):
             w.update()
         self.extent_value.setEnabled(not greyed)
         self.opacity_value.setEnabled(not greyed)
+        self._show_severity_method(s, greyed)
+        self.zone_box.show_severity(s, lookup.get((s.model_name, s.model_version), False), greyed)
         self.severity_box.show()
+
+    def _show_severity_method(self, s, greyed: bool) -> None:
+        """Say which scale each number is on and how it was made: the zone scorer's extent and
+        opacity are Cohen's scales reached through the Brixia sum (engine.severity_zones), not
+        Cohen et al.'s own formula."""
+        from viewer.zone_overlay import APPROX_NOTE, method_text
+
+        zoned = bool(getattr(s, "zone_scores", None))
+        self.severity_box.setTitle("Severity — Cohen et al. 2020 scales" + (" + Brixia zones" if zoned else ""))
+        self.severity_method.setText(f"Method: {method_text(getattr(s, 'method', ''))} "
+                                     f"({s.model_name} v{s.model_version})")
+        self.severity_method.setEnabled(not greyed)
+        tip = ("Geographic extent 0–8 and opacity 0–6 (Cohen et al. 2020, 94 images, 3 raters: "
+               "MAE 1.14 and 0.78 for their formula)")
+        if zoned:
+            tip += f"; Brixia zones 0–3 and global 0–18: {APPROX_NOTE}"
+        self.severity_box.setToolTip(tip)
 
     def _ct_threshold(self, result: StudyResult, lookup: dict) -> float | None:
         ct = [f for f in result.findings if finding_is_trained(f, lookup)]

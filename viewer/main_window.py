@@ -170,6 +170,8 @@ class MainWindow(QMainWindow):
             self.ai = AIController(self)
             from viewer.ct_quant_overlay import CTQuantOverlay   # CT opacity map on the stack and MPR views
             self.ct_quant_overlay = CTQuantOverlay(self.image_view, self.mpr_view, self.ai.panel, parent=self)
+            from viewer.zone_overlay import install_zone_grid   # X-ray Brixia zone grid, key Z
+            self.zone_grid = install_zone_grid(self, self.ai.panel)
         except ImportError:
             self.ai = None
         except Exception as exc:  # noqa: BLE001 - the viewer must stay usable without the AI

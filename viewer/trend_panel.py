@@ -41,17 +41,18 @@ class TrendPanel(QGroupBox):
                         "to open that study beside the current one")
         self.points: list[TrendPoint] = []
         self.current_study = ""
-        self.plot = pg.PlotWidget(background="#202020", axisItems={"bottom": pg.DateAxisItem(orientation="bottom")})
-        self.plot.setMinimumHeight(170)
-        self.plot.setMaximumHeight(220)
+        self.plot = pg.PlotWidget(background="#202020")
+        self.plot.setMinimumHeight(180)
+        self.plot.setMaximumHeight(230)
         self.plot.setMouseEnabled(x=False, y=False)
         self.plot.hideButtons()
         self.plot.setMenuEnabled(False)
         pi = self.plot.getPlotItem()
         pi.showGrid(x=False, y=True, alpha=0.25)
         pi.setYRange(0.0, 1.0, padding=0.06)
-        pi.getAxis("left").setTicks([[(0.0, "0"), (0.5, "½"), (1.0, "max")]])
-        pi.getAxis("left").setWidth(30)
+        # probabilities on 0-1; each severity scale drawn as a fraction of its maximum (legend, table)
+        pi.getAxis("left").setTicks([[(0.0, "0"), (0.5, "½"), (1.0, "1")]])
+        pi.getAxis("left").setWidth(24)
         self.legend = QLabel("")
         self.legend.setWordWrap(True)
         self.legend.setTextFormat(Qt.TextFormat.RichText)
@@ -59,7 +60,9 @@ class TrendPanel(QGroupBox):
         self.table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.verticalHeader().hide()
-        self.table.setMaximumHeight(150)
+        self.table.verticalHeader().setDefaultSectionSize(20)
+        self.table.setMaximumHeight(160)
+        self.table.setWordWrap(True)
         self.table.cellDoubleClicked.connect(self._on_row)
         self.table.cellClicked.connect(self._on_row)
         self.status = QLabel("")
@@ -113,6 +116,7 @@ class TrendPanel(QGroupBox):
         if len(xs):
             span = max(float(xs.max() - xs.min()), 86400.0)
             pi.setXRange(float(xs.min()) - 0.08 * span, float(xs.max()) + 0.08 * span, padding=0)
+            pi.getAxis("bottom").setTicks([_date_ticks(self.points)])
         pi.setYRange(0.0, 1.0, padding=0.06)
         self.legend.setText("&nbsp;&nbsp; ".join(html) if html else
                             "<i>no AI result for this patient's studies yet</i>")
@@ -126,7 +130,7 @@ class TrendPanel(QGroupBox):
         self.analyse_button.setVisible(bool(missing) and not running)
 
     def _fill_table(self, series) -> None:
-        cols = ["Study date"] + [_short(label) for _, label, _, _ in series]
+        cols = ["Date"] + [_short(label) for _, label, _, _ in series]
         self.table.clear()
         self.table.setColumnCount(len(cols))
         self.table.setRowCount(len(self.points))
@@ -171,8 +175,22 @@ class TrendPanel(QGroupBox):
 
 
 def _short(label: str) -> str:
-    return label.replace("Extent 0–8", "Extent").replace("Opacity 0–6", "Opacity") \
-        .replace("Brixia 0–18", "Brixia").replace("CT score 0–25", "CT score")
+    """Column header: scale dropped (it is in the legend), words on two lines to stay narrow."""
+    if label.startswith("P(") and label.endswith(")"):
+        label = label[2:-1]
+    for full, short in (("Extent 0–8", "Extent"), ("Opacity 0–6", "Opacity"), ("Brixia 0–18", "Brixia"),
+                        ("CT score 0–25", "CT score"), ("CT opacity %", "CT opac. %")):
+        label = label.replace(full, short)
+    return label.replace(" ", "\n", 1)
+
+
+def _date_ticks(points: Sequence[TrendPoint]) -> list[tuple[float, str]]:
+    """One tick per study date: MM-DD within one year, else YYYY-MM (the table has full dates)."""
+    whens = [p.when for p in points if p.when is not None]
+    if not whens:
+        return []
+    fmt = "%m-%d" if (max(whens) - min(whens)).days <= 366 else "%Y-%m"
+    return [(w.timestamp(), w.strftime(fmt)) for w in whens]
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +257,10 @@ class TrendController(QObject):
             self._enqueue(missing)
 
     def _auto(self) -> bool:
-        return self.ai is not None and bool(self.ai.auto_run())
+        if self.ai is None:
+            return False
+        on = getattr(self.ai, "auto_run", False)       # a property of viewer.ai_controller
+        return bool(on() if callable(on) else on)
 
     def analyse_missing(self) -> None:
         ctx = self._context()

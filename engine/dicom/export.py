@@ -321,12 +321,16 @@ def build_sr(result: StudyResult, sources: Sequence[Dataset]) -> Dataset:
         groups.append(_group(
             "AI severity (Cohen et al. 2020)", finding_type=codes.DCM.Opacity, finding_sites=[_lung_site()],
             algorithm=_algorithm(s.model_name, s.model_version,
-                                 ["Cohen et al. 2020 linear map of Lung Opacity logit",
+                                 ["Cohen et al. 2020 linear map of Lung Opacity logit" if s.method == "cohen-logit"
+                                  else f"method={s.method}: Brixia global mapped to Cohen et al. 2020 scales",
                                   "Extent = geographic extent score 0-8", "Severity = opacity score 0-6"]),
             measurements=[
                 hd.sr.Measurement(name=codes.SCT.Extent, value=round(float(s.geographic_extent), 4), unit=score_unit),
                 hd.sr.Measurement(name=codes.SCT.Severity, value=round(float(s.opacity), 4), unit=score_unit)],
             source_images=src_items, comments=[RESEARCH_USE, validity]))
+        from engine.dicom.sr_xray_zones import xray_zone_groups   # Brixia zones A-F + global (TID 1501)
+
+        groups.extend(xray_zone_groups(s, src_items, validity))
     elif result.severity is not None:
         skipped_untrained.add((result.severity.model_name, result.severity.model_version))
     ct_models = [m for m in result.models if result.kind == "ct"]

@@ -502,14 +502,17 @@ def _frame_fragments(ds, n_frames: int) -> list[bytes]:
     return list(generate_frames(ds.PixelData, number_of_frames=n_frames))
 
 
-def inspect_codestreams(ds, where: str, budget_bytes: int) -> list[Codestream]:
-    """Read every compressed frame's own declared size and refuse what the header cannot explain.
+def inspect_codestreams(ds, where: str, budget_bytes: int, frames: list[int] | None = None) -> list[Codestream]:
+    """Read compressed frames' own declared sizes and refuse what the header cannot explain.
 
     Why: the header budget (check_budget) cannot see inside the codestream; a 974-byte file whose
     JPEG SOF declares 65500x65500 inside a 64x64 header made the decoder allocate 9.7 GB
     (DESIGN.md 5). A frame whose codestream disagrees with Rows/Columns is corrupt either way
     (PS3.5 8.2: the encapsulated image must match the Image Pixel Module), so it is refused
-    before a decoder runs. Native transfer syntaxes return [].
+    before a decoder runs. ``frames`` (0-based) limits the check to the frames about to be
+    decoded: one damaged frame must not hide the good ones of a multi-frame image. When the
+    fragments cannot be split into frames, every fragment that starts a codestream is checked
+    instead and the decoder (bounded by the sandbox) gets its chance. Native syntaxes return [].
     """
     ts = str(getattr(getattr(ds, "file_meta", None), "get", lambda *_: "")("TransferSyntaxUID", "") or "")
     if ts not in _JPEG_TS and ts not in _J2K_TS and ts != _RLE_TS:
@@ -524,28 +527,46 @@ def inspect_codestreams(ds, where: str, budget_bytes: int) -> list[Codestream]:
     rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
     n_frames = max(_int(ds, "NumberOfFrames", 1), 1)
     try:
-        frames = _frame_fragments(ds, n_frames)
-    except Exception as exc:
-        raise LoadError(where, f"the compressed pixel data is damaged: its fragments cannot be "
-                               f"split into {n_frames} frame(s) ({_short(exc, 100)})") from None
+        split = _frame_fragments(ds, n_frames)
+        numbered = [(k, fr) for k, fr in enumerate(split) if frames is None or k in frames]
+        strict = True
+    except Exception:
+        numbered, strict = _starting_fragments(ds.PixelData, ts), False
     out = []
-    for k, fr in enumerate(frames):
+    for k, fr in numbered:
+        label = f"frame {k + 1} of {n_frames}" if strict else f"fragment {k + 1}"
         try:
             cs = (jpeg_sof(fr) if ts in _JPEG_TS else j2k_siz(fr) if ts in _J2K_TS
                   else rle_header(fr, rows, cols))
         except ValueError as exc:
-            raise LoadError(where, f"frame {k + 1} of {n_frames}: corrupt {_ts_name(ts)} data "
-                                   f"({exc}); the file cannot be decoded") from None
+            if not strict:
+                continue
+            raise LoadError(where, f"{label}: corrupt {_ts_name(ts)} data ({exc}); the frame "
+                                   f"cannot be decoded") from None
         if (cs.rows, cs.cols) != (rows, cols):
-            raise LoadError(where, f"frame {k + 1}: the {_ts_name(ts)} codestream declares "
+            raise LoadError(where, f"{label}: the {_ts_name(ts)} codestream declares "
                                    f"{cs.rows}x{cs.cols} but the header says {rows}x{cols}; the file "
                                    f"is corrupt (refused before decoding)")
         if cs.decoded_bytes > budget_bytes:
-            raise LoadError(where, f"frame {k + 1}: the {_ts_name(ts)} codestream declares "
+            raise LoadError(where, f"{label}: the {_ts_name(ts)} codestream declares "
                                    f"{cs.rows}x{cs.cols}x{cs.components} ({cs.decoded_bytes / 2**20:.0f} MiB "
                                    f"decoded), over the {budget_bytes >> 20} MiB memory budget; "
                                    f"refused before decoding")
         out.append(cs)
+    return out
+
+
+def _starting_fragments(pixel_data: bytes, ts: str) -> list[tuple[int, bytes]]:
+    """Fragments that begin a JPEG or J2K codestream (RLE fragments have no signature)."""
+    from pydicom.encaps import generate_fragments
+
+    out = []
+    try:
+        for k, frag in enumerate(generate_fragments(pixel_data)):
+            if frag.startswith(b"\xff\xd8") or frag.startswith(b"\xff\x4f") or frag.startswith(b"\x00\x00\x00\x0cjP  "):
+                out.append((k, frag))
+    except Exception:
+        pass
     return out
 
 
@@ -661,8 +682,8 @@ def load_frame(path: str | Path, frame: int = 0, budget_bytes: int = DEFAULT_BUD
                 raise LoadError(where, "the file is truncated or damaged: its pixel data element "
                                        "cannot be read; copy it again from the source")
             raise LoadError(where, "no pixel data in this file")
-        streams = inspect_codestreams(ds, where, budget_bytes)
-        guard_memory(decode_working_bytes(ds) + sum(c.decoded_bytes for c in streams[frame:frame + 1]))
+        streams = inspect_codestreams(ds, where, budget_bytes, frames=[frame])
+        guard_memory(decode_working_bytes(ds) + max([c.decoded_bytes for c in streams] or [0]))
         return frame_from_dataset(ds, frame, where)
     except LoadError:
         raise

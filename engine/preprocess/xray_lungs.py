@@ -225,23 +225,36 @@ class XrayLungs:
         return max(0, t - dy), max(0, l - dx), min(rows, b + dy), min(cols, r + dx)
 
 
-def _full_res(prob: "torch.Tensor", g: Letterbox, chunk: int = 512):  # noqa: F821
-    """Bilinear (grid_sample) from the model grid back to the image, a band of rows at a time so a
-    4000-pixel CR does not need three full float maps at once. -> (argmax uint8, class probs float32 (3, rows, cols))."""
-    import torch
+def _full_res(prob: "torch.Tensor", g: Letterbox, chunk: int = 256):  # noqa: F821
+    """Bilinear from the model grid back to the image -> (argmax uint8, class probs float32 (3, rows, cols)).
+
+    Separable: first along rows to the letterbox side, cropped to the image rows, then along columns
+    a band of rows at a time, cropped to the image columns, so a 4000-pixel CR never needs three
+    full-square float maps. Same sample positions as resizing the whole square (align_corners=False)."""
     import torch.nn.functional as F
 
-    xs = (2.0 * (np.arange(g.cols) + g.left + 0.5) / g.side - 1.0).astype(np.float32)
-    labels = np.empty((g.rows, g.cols), dtype=np.uint8)
+    p = prob[None].float()                                                     # (1, 3, n, n)
+    p = F.interpolate(p, size=(g.side, p.shape[-1]), mode="bilinear", align_corners=False)
+    p = p[:, :, g.top:g.top + g.rows]                                          # (1, 3, rows, n)
     probs = np.empty((3, g.rows, g.cols), dtype=np.float32)
     for r0 in range(0, g.rows, chunk):
-        r1 = min(g.rows, r0 + chunk)
-        ys = (2.0 * (np.arange(r0, r1) + g.top + 0.5) / g.side - 1.0).astype(np.float32)
-        grid = torch.from_numpy(np.stack(np.broadcast_arrays(xs[None, :], ys[:, None]), -1))[None]
-        p = F.grid_sample(prob[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
-        probs[:, r0:r1] = p.numpy()
-        labels[r0:r1] = p.argmax(0).numpy().astype(np.uint8)
-    return labels, probs
+        band = F.interpolate(p[:, :, r0:r0 + chunk], size=(min(chunk, g.rows - r0), g.side), mode="bilinear",
+                             align_corners=False)
+        probs[:, r0:r0 + chunk] = band[0, :, :, g.left:g.left + g.cols].numpy()
+    return probs.argmax(0).astype(np.uint8), probs
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Background regions not connected to the image border become foreground (one labelling pass;
+    scipy's binary_fill_holes iterates dilations and is ~10x slower on a 2000-pixel CR)."""
+    from scipy import ndimage
+
+    lab, n = ndimage.label(~mask)
+    if n == 0:
+        return mask
+    border = np.unique(np.concatenate([lab[0], lab[-1], lab[:, 0], lab[:, -1]]))
+    holes = ~np.isin(lab, border) & (lab > 0)
+    return mask | holes
 
 
 def _clean_side(side_mask: np.ndarray) -> tuple[np.ndarray, int, float]:
@@ -251,11 +264,11 @@ def _clean_side(side_mask: np.ndarray) -> tuple[np.ndarray, int, float]:
     lab, n = ndimage.label(side_mask)
     if n == 0:
         return side_mask, 0, 0.0
-    areas = np.asarray(ndimage.sum(side_mask, lab, index=np.arange(1, n + 1)))
+    areas = np.bincount(lab.ravel(), minlength=n + 1)[1:]
     total = float(areas.sum())
-    keep_ids = np.flatnonzero(areas >= 0.15 * areas.max()) + 1
-    kept = np.isin(lab, keep_ids)
-    return ndimage.binary_fill_holes(kept), int((areas >= 0.01 * total).sum()), float(areas.max() / total)
+    keep = np.zeros(n + 1, dtype=bool)
+    keep[1:] = areas >= 0.15 * areas.max()
+    return _fill_holes(keep[lab]), int((areas >= 0.01 * total).sum()), float(areas.max() / total)
 
 
 def _stats(name: str, mask: np.ndarray, cls_prob: np.ndarray, n_comp: int, dominant: float) -> LungStats:
