@@ -628,14 +628,20 @@ class Analyzer:
     def _ct_heatmaps(self, lm, hu, roi, slices: list[int], size: int, pos: int, label: str) -> list[Heatmap]:
         import torch
 
-        from engine.explain.gradcam import cams_from_fmap, ct_heatmap, upsample
+        from engine.explain.gradcam import cams_from_fmap, ct_heatmap, restrict_to_lungs, upsample
+        from engine.preprocess.ct_input import volume_slice_mask
 
         inputs = [self._ct_input(hu[i], roi, i, size) for i in slices]
         fmap = self._features(lm, torch.stack([t for t, _ in inputs]))
         (cams,) = cams_from_fmap(lm.module.head, fmap, [lambda o: o[:, pos]])
         up = upsample(cams, (size, size))
-        return [Heatmap(label, ct_heatmap(up[j], box, hu.shape[1:]), lm.info.name, lm.info.version, slice_index=int(i))
-                for j, (i, (_, box)) in enumerate(zip(slices, inputs))]
+        out = []
+        for j, (i, (_, box)) in enumerate(zip(slices, inputs)):
+            arr = ct_heatmap(up[j], box, hu.shape[1:])
+            # the finding is a lung finding: fade the map out beyond this slice's lung mask, as for X-rays
+            arr = restrict_to_lungs(arr, volume_slice_mask(roi.mask[i], roi.factor, hu.shape[1:]))
+            out.append(Heatmap(label, arr, lm.info.name, lm.info.version, slice_index=int(i)))
+        return out
 
 
 _default: Analyzer | None = None

@@ -80,10 +80,10 @@ def test_normalisation_removes_overall_brightness_and_window():
 
 
 def test_rendering_augmentation_changes_pixels_but_keeps_range():
-    from engine.preprocess.ct_input import augment_ct_batch
+    from engine.preprocess.ct_input import augment_ct_batch, figure_lung_mask
 
     g = torch.from_numpy(_figure_slice(2)[::2, ::2].copy()).float()
-    m = torch.from_numpy(__import__("engine.preprocess.ct_input", fromlist=["x"]).figure_lung_mask(g.numpy()))
+    m = torch.from_numpy(figure_lung_mask(g.numpy()))
     x = torch.stack([torch.stack([g, m.float()])] * 4)
     out = augment_ct_batch(x, np.random.default_rng(0), torch.Generator().manual_seed(0))
     assert out.shape == (4, 3, 128, 128) and float(out.min()) >= -1 and float(out.max()) <= 1

@@ -37,7 +37,7 @@ def win(qapp, tmp_path, monkeypatch):
     w = MainWindow(s)
     w.resize(1400, 900)
     w.show()
-    QTest.qWaitForWindowExposed(w)
+    qapp.processEvents()       # offscreen: shown at once (no window manager to wait for)
     yield w
     w.wait_idle()
     w.close()

@@ -184,7 +184,7 @@ def trend_win(qapp, tmp_path, monkeypatch, one_torch_thread):
     w = MainWindow(s)
     w.resize(1500, 950)
     w.show()
-    QTest.qWaitForWindowExposed(w)
+    qapp.processEvents()       # offscreen: shown at once (no window manager to wait for)
     yield w
     w.wait_idle()
     w.close()
@@ -215,3 +215,63 @@ def test_trend_fills_with_real_analyses_and_a_point_opens_the_prior(trend_win, q
     vp1 = w.viewports.viewports[1]
     assert w.viewports.layout_name() == "1x2" and vp1.series.study_uid == oldest
     assert np.asarray(vp1.view.rendered_image()).std() > 0
+
+
+# -- priors held by a PACS (a real Orthanc on loopback) ---------------------------------------------
+@pytest.fixture(scope="module")
+def pacs_with_priors(tmp_path_factory):
+    """Orthanc holding three CR studies of one patient; only the newest is opened locally."""
+    from engine.netconfig import NetworkSettings, Peer
+    from tests.orthanc_server import OrthancServer, ensure_orthanc
+
+    exe = ensure_orthanc()
+    if exe is None:
+        pytest.skip("Debian 'orthanc' is not installed and cannot be installed here (needs root + apt)")
+    root = tmp_path_factory.mktemp("pacs_priors")
+    files = write_cr_studies(root / "src", "PACS-CR", ["20230110", "20240312", "20240620"])
+    orthanc = OrthancServer(exe, root / "orthanc")
+    try:
+        orthanc.start()
+        for f in files:
+            orthanc.upload(f)
+        settings = NetworkSettings(ae_title="CHESTVIEW", port=0, bind_address="127.0.0.1", timeout_s=20,
+                                   peers=[Peer("Test PACS", "ORTHANC", "127.0.0.1", orthanc.dicom_port)])
+        yield settings, files
+    finally:
+        orthanc.stop()
+
+
+def test_pacs_query_by_patient_id_lists_earlier_studies_not_opened(pacs_with_priors):
+    from engine.dicom.index import index_path
+    from engine.priors import query_pacs_priors
+
+    settings, files = pacs_with_priors
+    idx = index_path(files[-1].parent)
+    current = idx.patients[0].studies[0]
+    found, problems = query_pacs_priors(settings, current, {current.study_uid})
+    assert problems == []
+    assert [(peer, m.study_date) for peer, m in found] == [("Test PACS", "20240312"), ("Test PACS", "20230110")]
+    # an unreachable peer is reported, not raised
+    from engine.netconfig import Peer
+
+    dead = type(settings)(**{**settings.__dict__, "peers": [Peer("Gone", "GONE", "127.0.0.1", 9), *settings.peers]})
+    found2, problems2 = query_pacs_priors(dead, current, {current.study_uid})
+    assert len(found2) == 2 and problems2 and problems2[0].startswith("Gone")
+
+
+def test_trend_panel_names_pacs_priors_of_the_displayed_patient(trend_win, qtbot, pacs_with_priors):
+    from engine.netconfig import save_settings
+
+    w = trend_win
+    if w.trend is None:
+        pytest.skip("the AI panel is not available")
+    settings, files = pacs_with_priors
+    # the user's network settings (CHESTVIEW_HOME); our own port only matters to the storage SCP
+    save_settings(type(settings)(**{**settings.__dict__, "port": 11112}))
+    w.ai.panel.auto_run.setChecked(False)
+    w.open_path(files[-1].parent, wait=True)
+    w.wait_idle()
+    qtbot.waitUntil(lambda: w.trend.panel.pacs_label.isVisible(), timeout=30000)
+    text = w.trend.panel.pacs_label.text()
+    assert "On Test PACS: 2 earlier studies" in text and "2024-03-12 CR" in text and "2023-01-10 CR" in text
+    assert w.trend.panel.isVisible() and len(w.trend.remote) == 2

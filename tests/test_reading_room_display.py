@@ -154,6 +154,8 @@ def win(qtbot, tmp_path):
     QTest.qWaitForWindowExposed(w)
     w.activateWindow()
     yield w
+    QTest.qWait(300)                      # thumbnails start 250 ms after a study is indexed
+    qtbot.waitUntil(lambda: w.thumbs.pending() == 0, timeout=60000)
     if w.ai is not None:
         w.ai.shutdown()
     w.close()
@@ -621,7 +623,8 @@ def test_names_and_caret_descriptions_are_formatted(tmp_path, win):
     assert display_text("^^A^") == "A" and display_text("Plain") == "Plain"
     win.open_path(tmp_path / "ct", wait=True)
     assert win.select_series(uid)
-    assert "^" not in win.image_view.overlay.all_text() and "Thorax · AThoraxRoutine" in win.image_view.overlay.all_text()
+    text = win.image_view.overlay.all_text()
+    assert "^" not in text and "Thorax · AThoraxRoutine" in text
     assert "^" not in win.windowTitle() and "^" not in win.ai.panel.series_label.text()
     win.wait_idle(30000)
 

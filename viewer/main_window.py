@@ -419,7 +419,7 @@ class MainWindow(QMainWindow):
         # do not compete with it for the GIL on a 2-core machine (bench/bench_viewer_start.py)
         later = QTimer(self)              # a child: never fires after the window is gone
         later.setSingleShot(True)
-        later.timeout.connect(lambda: self.thumbs.request(self.index.all_series()))
+        later.timeout.connect(lambda: self.isVisible() and self.thumbs.request(self.index.all_series()))
         later.timeout.connect(later.deleteLater)
         later.start(250)
         n_series = len(result.all_series())

@@ -67,6 +67,10 @@ class TrendPanel(QGroupBox):
         self.table.cellClicked.connect(self._on_row)
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        self.pacs_label = QLabel("")
+        self.pacs_label.setObjectName("pacsPriors")
+        self.pacs_label.setWordWrap(True)
+        self.pacs_label.hide()
         self.analyse_button = QPushButton("Analyse earlier studies")
         self.analyse_button.clicked.connect(self.analyse_requested)
         row = QHBoxLayout()
@@ -78,6 +82,7 @@ class TrendPanel(QGroupBox):
         lay.addWidget(self.legend)
         lay.addWidget(self.table)
         lay.addLayout(row)
+        lay.addWidget(self.pacs_label)
         self.scatters: list[pg.ScatterPlotItem] = []
         self.hide()
 
@@ -128,6 +133,23 @@ class TrendPanel(QGroupBox):
             parts.append(f"{missing} not analysed yet")
         self.status.setText("; ".join(parts) + ". Click a point to open that study beside this one.")
         self.analyse_button.setVisible(bool(missing) and not running)
+
+    def set_remote(self, found: Sequence[tuple[str, Any]], problems: Sequence[str] = ()) -> None:
+        """Earlier studies a PACS holds that are not opened here (read-only C-FIND results)."""
+        if not found and not problems:
+            self.pacs_label.hide()
+            return
+        parts = []
+        if found:
+            items = ", ".join(f"{_dash_date(m.study_date)} {'/'.join(m.modalities) or '?'}" for _, m in found[:6])
+            peers = ", ".join(dict.fromkeys(name for name, _ in found))
+            parts.append(f"On {peers}: {len(found)} earlier stud{'y' if len(found) == 1 else 'ies'} not opened "
+                         f"here ({items}{', …' if len(found) > 6 else ''}). File ▸ Query/Retrieve fetches "
+                         "them; they join this trend once retrieved.")
+        if problems:
+            parts.append("PACS not reachable: " + "; ".join(problems[:2]))
+        self.pacs_label.setText(" ".join(parts))
+        self.pacs_label.show()
 
     def _fill_table(self, series) -> None:
         cols = ["Date"] + [_short(label) for _, label, _, _ in series]
@@ -184,6 +206,11 @@ def _short(label: str) -> str:
     return label.replace(" ", "\n", 1)
 
 
+def _dash_date(d: str) -> str:
+    d = (d or "").strip()
+    return f"{d[:4]}-{d[4:6]}-{d[6:8]}" if len(d) >= 8 and d[:8].isdigit() else d
+
+
 def _date_ticks(points: Sequence[TrendPoint]) -> list[tuple[float, str]]:
     """One tick per study date: MM-DD within one year, else YYYY-MM (the table has full dates)."""
     whens = [p.when for p in points if p.when is not None]
@@ -212,6 +239,8 @@ class TrendController(QObject):
         self.queue: list[Any] = []
         self.running: str | None = None
         self._patient = ""
+        self.remote: list[tuple[str, Any]] = []
+        self._pacs_asked: set[str] = set()
         if self.ai is not None:
             self.ai.panel.add_section(self.panel)
             self.ai.runner.result.connect(self._on_panel_result)
@@ -240,13 +269,16 @@ class TrendController(QObject):
 
     def refresh(self) -> None:
         ctx = self._context()
-        if ctx is None or len(ctx[2]) < 2:
+        if ctx is not None and ctx[0].patient_id != self._patient:
+            self._patient = ctx[0].patient_id
+            self.queue = []                  # another patient's priors are no longer wanted
+            self.remote = []
+            self.panel.set_remote([])
+            self.query_pacs()
+        if ctx is None or (len(ctx[2]) < 2 and not self.remote):
             self.panel.hide()
             return
         cur, group, studies = ctx
-        if cur.patient_id != self._patient:
-            self._patient = cur.patient_id
-            self.queue = []                  # another patient's priors are no longer wanted
         results = self.all_results()
         points = patient_trend(studies, results, group)
         missing = [se for se in series_to_analyse(studies, results, group)
@@ -255,6 +287,41 @@ class TrendController(QObject):
         self.panel.show()
         if missing and self._auto():
             self._enqueue(missing)
+
+    def query_pacs(self, settings: Any = None) -> bool:
+        """Ask the configured PACS peers (read-only C-FIND by Patient ID) for earlier studies of the
+        displayed patient, once per patient, in a worker thread."""
+        ctx = self._context()
+        if ctx is None:
+            return False
+        cur = ctx[0]
+        study = self.mw.index.study_of(cur)
+        if settings is None:
+            try:
+                from engine.netconfig import load_settings
+                settings = load_settings()
+            except Exception as exc:  # noqa: BLE001 - a broken settings file must not stop the viewer
+                log.info("network settings unreadable: %s", type(exc).__name__)
+                return False
+        if study is None or not settings.peers or cur.patient_id in self._pacs_asked:
+            return False
+        self._pacs_asked.add(cur.patient_id)
+        local = {st.study_uid for st in same_patient_studies(self.mw.index, cur.patient_id)}
+        from engine.priors import query_pacs_priors
+        pid = cur.patient_id
+
+        def done(res) -> None:
+            if pid != self._patient:
+                return
+            found, problems = res
+            self.remote = list(found)
+            self.panel.set_remote(found, problems)
+            self.refresh()
+
+        runner = getattr(self.mw, "runner", None) or self.runner     # not behind a queued analysis
+        runner.submit(query_pacs_priors, settings, study, local, with_cancel=True, on_result=done,
+                           on_error=lambda e: self.panel.set_remote([], [str(getattr(e, "reason", e))]))
+        return True
 
     def _auto(self) -> bool:
         if self.ai is None:

@@ -13,8 +13,8 @@ Both domains are brought to the same representation before the classifier sees t
    lung pixels -> [0, 1]) and everything outside the lungs set to the darkest value.
 
 Step 4 removes what differs between a paper figure and a scanner rendering (window, gamma, overall
-brightness: the v1 model's scores followed crop brightness, Spearman 0.59) and keeps the pattern
-inside the lungs. Absolute attenuation is left to the HU quantification (engine.ct_quant), which
+brightness: the 1.0.0 model's validation scores followed crop brightness, Spearman +0.30, see
+resources/models/README.md) and keeps the pattern inside the lungs. Absolute attenuation is left to the HU quantification (engine.ct_quant), which
 does mean the same on every scanner. Training applies ``render_augment`` between steps 3 and 4 so
 that figure and DICOM renderings overlap (DESIGN.md section 4: resolution, JPEG quality, blur,
 noise, gamma, window).

@@ -61,17 +61,11 @@ def _crop_padded(img: np.ndarray, top: int, left: int, side: int) -> np.ndarray:
 
 
 def _resize(a: np.ndarray, side: int, mode: str) -> np.ndarray:
-    import torch
-    import torch.nn.functional as F
+    """Square resize as the lung segmentation does it (engine.preprocess.xray_lungs): area when
+    shrinking, bilinear when enlarging, nearest for label images (``mode="nearest"``)."""
+    from engine.preprocess.xray_lungs import _resize as square_resize
 
-    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None]
-    if mode == "nearest":
-        r = F.interpolate(t, size=(side, side), mode="nearest")
-    elif a.shape[0] > side:
-        r = F.interpolate(t, size=(side, side), mode="area")
-    else:
-        r = F.interpolate(t, size=(side, side), mode="bilinear", align_corners=False)
-    return r[0, 0].numpy()
+    return square_resize(a, side, 0 if mode == "nearest" else 1)
 
 
 def soft_mask(mask_raw: np.ndarray, dilate: float = MASK_DILATE) -> np.ndarray:
