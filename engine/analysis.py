@@ -74,6 +74,9 @@ class _XrayItem:
     lung_input: Any = None           # engine.preprocess.xray_lung_input.LungInput for lung-input models (v2)
 
 
+SEVERITY_NEEDS = "Lung Opacity"   # zone severity is scored only with this finding positive
+
+
 class Analyzer:
     """Holds the device choice and the (process-wide cached) models; batch code keeps one and calls
     :meth:`analyze_many` so X-rays share forward passes. Thread-safe: model work is serialised."""
@@ -330,7 +333,14 @@ class Analyzer:
                 self._xray_findings(res, lm, path_logits[j], covid_logits[j])
                 if (sev_model is not None and validity.passed and it.lung_input is not None
                         and it.lung_input.zones is not None):
-                    res.severity = self._zone_severity(fmap[j], it, sev_model)
+                    # the scorer learnt from COVID-19 pneumonia radiographs only (Brixia and Cohen scores):
+                    # on lungs without an opacity finding it has no normal reference and overestimates, so
+                    # severity is given only with a positive Lung Opacity finding
+                    if any(f.label == SEVERITY_NEEDS and f.positive for f in res.findings):
+                        res.severity = self._zone_severity(fmap[j], it, sev_model)
+                    else:
+                        res.warnings.append(f"Severity not scored: no positive {SEVERITY_NEEDS} finding (the severity "
+                                            "scorer was trained on pneumonia radiographs only).")
                 if want_heatmaps and lm.trained and validity.passed:
                     _report(progress, 0.7, "computing heatmaps")
                     t = time.perf_counter()

@@ -445,11 +445,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="resources/models")
     p.add_argument("--side", type=int, default=192)
     p.add_argument("--write", action="store_true", help="write weights (fp16) and cards into --out")
+    p.add_argument("--cards-only", action="store_true",
+                   help="rewrite the cards from the run's eval.json (no forward passes); needs a previous --write")
     return p
 
 
 def cli_main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    if a.cards_only:
+        res = json.loads((Path(a.run) / "eval.json").read_text())
+        for p in write_cards(res, Path(a.run), Path(a.out), "1.0.0"):
+            print(f"[evaluate] wrote {p}")
+        return 0
     res = run(Path(a.data), Path(a.run), Path(a.cache), Path(a.out), a.side, a.write)
     print(json.dumps({k: res[k] for k in ("thresholds_from_validation", "source_probe_v2")}, indent=1, default=float))
     return 0
@@ -541,6 +548,8 @@ def write_cards(res: dict, run_dir: Path, out_dir: Path, lungseg_version: str) -
             "it; COVID-19 is reported only if its within-ieee8023 validation AUC does (see report_rule).",
             "Within-source numbers rest on small groups (ieee8023 has 3 normal test images): wide CIs.",
             "The severity scorer's zones are thirds of each lung's height, not Brixia's anatomical landmarks.",
+            "Severity is scored only when Lung Opacity is positive: the scorer learnt from COVID-19 pneumonia "
+            "radiographs only and has no normal reference (it gives a normal demo CR extent 3.1/8).",
             "Children, lateral views, and devices covering the lungs were not studied."],
         created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     )

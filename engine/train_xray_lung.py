@@ -351,7 +351,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="shared/data (or shared/data/xray)")
     p.add_argument("--cache", default="train-cache", help="folder for the lung-crop cache (git-ignored)")
     p.add_argument("--out", required=True)
-    p.add_argument("--init", default="resources/models/xray-densenet121-1.0.0.safetensors")
+    p.add_argument("--init", default="",
+                   help="safetensors to start from; the shipped 2.0.0 started from the 1.0.0 weights "
+                        "(git show d6236cb:resources/models/xray-densenet121-1.0.0.safetensors > v1.safetensors)")
     p.add_argument("--budget-min", type=float, default=45.0)
     p.add_argument("--side", type=int, default=192)
     p.add_argument("--batch", type=int, default=16)

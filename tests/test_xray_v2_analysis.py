@@ -64,7 +64,26 @@ def test_demo_cr_passes_the_gate_and_reports_only_supported_findings(demo_dir: P
         assert float(border.max()) < 0.05
         positive = any(f.label == h.target and f.positive for f in res.findings)
         assert h.hidden_by_default == (not positive)
-    if card["severity"]["enabled"]:
+    assert res.severity is None or any(f.label == "Lung Opacity" and f.positive for f in res.findings)
+    json.dumps(res.to_json_dict())
+
+
+@pytest.mark.shared_data
+def test_positive_radiograph_gets_zone_severity(shared_data: Path):
+    """A real chest CR the model calls positive for lung opacity gets the six zone scores."""
+    from engine.analysis import default_analyzer
+    from engine.dicom.index import index_path
+
+    card = _card()
+    if not card["severity"]["enabled"]:
+        pytest.skip("severity is switched off in the shipped card")
+    series = index_path(shared_data / "dicom" / "xray_siim_1.dcm").all_series()[0]
+    res = default_analyzer().analyze(series)
+    assert res.validity.passed, res.validity.reasons
+    if not any(f.label == "Lung Opacity" and f.positive for f in res.findings):
+        assert res.severity is None
+        return
+    if True:
         s = res.severity
         assert s is not None and s.method == "zone-ridge"
         assert set(s.zone_scores) == set("ABCDEF")
@@ -73,9 +92,6 @@ def test_demo_cr_passes_the_gate_and_reports_only_supported_findings(demo_dir: P
         assert set(s.zone_boxes) == set("ABCDEF")
         # right-lung zones (A-C) lie on the image's left, as on a standard frontal display
         assert s.zone_boxes["A"][1] < s.zone_boxes["D"][1]
-    else:
-        assert res.severity is None
-    json.dumps(res.to_json_dict())
 
 
 def test_tibia_gets_no_scores(demo_dir: Path):
