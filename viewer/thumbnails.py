@@ -73,13 +73,23 @@ class ThumbnailLoader(QObject):
                                on_result=lambda a, uid=uid: self._done(uid, a),
                                on_error=lambda e, uid=uid: self._fail(uid, e))
 
+    def _alive(self) -> bool:
+        """False once Qt has deleted this object (window closed while a thumbnail was being made)."""
+        from shiboken6 import isValid
+
+        return isValid(self)
+
     def _done(self, uid: str, arr: np.ndarray) -> None:
+        if not self._alive():
+            return
         self._pending.discard(uid)
         img = to_qimage(arr)
         self.cache[uid] = img
         self.ready.emit(uid, img)
 
     def _fail(self, uid: str, exc: BaseException) -> None:
+        if not self._alive():
+            return
         self._pending.discard(uid)
         self.failed.emit(uid, str(getattr(exc, "reason", exc)))
 
