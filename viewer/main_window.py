@@ -809,4 +809,20 @@ class MainWindow(QMainWindow):
         self.runner.cancel_all()
         if getattr(self, "trend", None) is not None:
             self.trend.shutdown()
+        self._drain_workers()
         super().closeEvent(ev)
+
+    def _drain_workers(self, msecs: int = 10000) -> None:
+        """Wait, from Python (the GIL released), for every worker thread of this window to finish.
+
+        Qt's QThreadPool destructor waits for running tasks while the deleting thread holds the GIL;
+        a task that still needs the GIL (a decode waiting for its child process) would then never
+        finish and the window's deletion would hang. Draining here first makes deletion instant."""
+        from viewer.qt_workers import TaskRunner
+
+        runners = self.findChildren(TaskRunner)
+        for r in runners:
+            r.cancel_all()
+            r.pool.clear()
+        for r in runners:
+            r.wait_done(msecs)
