@@ -337,7 +337,10 @@ class Analyzer:
                     # on lungs without an opacity finding it has no normal reference and overestimates, so
                     # severity is given only with a positive Lung Opacity finding
                     if any(f.label == SEVERITY_NEEDS and f.positive for f in res.findings):
+                        from engine.models.registry import info_from_card
+
                         res.severity = self._zone_severity(fmap[j], it, sev_model)
+                        res.models.append(info_from_card(sev_model[1]))   # labelled like every model
                     else:
                         res.warnings.append(f"Severity not scored: no positive {SEVERITY_NEEDS} finding (the severity "
                                             "scorer was trained on pneumonia radiographs only).")

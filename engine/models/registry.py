@@ -67,6 +67,8 @@ def display_name(name: str, arch_params: dict[str, Any] | None = None) -> str:
     if name == CT_MODEL:
         variant = (arch_params or {}).get("variant", "googlenet")
         return "ChestView CT Inception v3" if variant == "inception_v3" else "ChestView CT Inception (GoogLeNet)"
+    if name == "xray-severity":
+        return "ChestView X-ray zone severity"
     if name == "xray-lungseg":
         return "ChestView X-ray lung U-Net"
     return f"ChestView {name}"
