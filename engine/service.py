@@ -50,15 +50,13 @@ def read_header(path: str | Path):
 
 
 def overlay_planes(path: str | Path, frame: int = 0):
-    """The DICOM overlay planes (60xx) of one frame as engine.dicom.overlays.OverlaySet, from the
-    header parsed in the sandboxed child (``read_header``). Worker thread only; never raises."""
-    from engine.dicom.overlays import OverlaySet, overlays_from_dataset
+    """The DICOM overlay planes (60xx) of one frame as engine.dicom.overlays.OverlaySet (header
+    only, size-checked before unpacking). Worker thread only; never raises. Parsed in this process:
+    calling the sandboxed ``read_header`` from this worker while the GUI thread waits on the same
+    decoder pool deadlocked (seen in tests/test_reading_room_display.py)."""
+    from engine.dicom.overlays import load_overlays
 
-    try:
-        ds = read_header(path)
-    except Exception as exc:  # noqa: BLE001 - LoadError by contract; shown as a problem, not raised
-        return OverlaySet(problems=[f"overlays not read: {getattr(exc, 'reason', exc)}"])
-    return overlays_from_dataset(ds, frame)
+    return load_overlays(path, frame)
 
 
 def thumbnail(series: SeriesRecord, size: int = 96):
