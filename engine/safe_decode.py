@@ -869,10 +869,10 @@ def series_thumbnail(series: Any, size: int = 96) -> Any:
     inst = series.instances[len(series.instances) // 2]
     frame_idx = (inst.frames // 2) if len(series.instances) == 1 and inst.frames > 1 else 0
     img = render_display(load_frame(inst.path, frame_idx))
-    return _box_downscale(img, size)
+    return box_downscale(img, size)
 
 
-def _box_downscale(img: Any, size: int) -> Any:
+def box_downscale(img: Any, size: int) -> Any:
     """Box-filter downscale so the longer side is about ``size`` pixels (no aliasing speckle)."""
     import numpy as np
 

@@ -108,7 +108,8 @@ def test_image_view_levels_match_dicom_linear_voi(qtbot):
 
 
 def test_thumbnail_downscale_keeps_aspect_and_range():
-    from viewer.thumbnails import downscale, to_qimage
+    from engine.safe_decode import box_downscale as downscale
+    from viewer.thumbnails import to_qimage
 
     img = np.zeros((300, 150), np.uint8)
     img[:, 75:] = 255

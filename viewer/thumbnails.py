@@ -13,19 +13,6 @@ from PySide6.QtGui import QImage
 from viewer.qt_workers import TaskRunner
 
 
-def downscale(img: np.ndarray, size: int) -> np.ndarray:
-    """Box-filter downscale so the longer side is about ``size`` pixels (no aliasing speckle)."""
-    h, w = img.shape[:2]
-    f = max(1, int(np.ceil(max(h, w) / size)))
-    h2, w2 = h // f * f, w // f * f
-    x = img[:h2, :w2].astype(np.float32)
-    if x.ndim == 2:
-        x = x.reshape(h2 // f, f, w2 // f, f).mean(axis=(1, 3))
-    else:
-        x = x.reshape(h2 // f, f, w2 // f, f, x.shape[2]).mean(axis=(1, 3))
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
-
-
 def thumbnail_array(series, size: int = 96) -> np.ndarray:
     """uint8 (h, w) or (h, w, 3) thumbnail of the series' middle image. Raises LoadError.
 
