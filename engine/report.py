@@ -83,7 +83,7 @@ _WORD = re.compile(r"[^\W_]+")   # a run of letters/digits (Unicode); '_', '^', 
 
 
 # ----------------------------------------------------------------------------------------------
-# De-identification (PS3.15 E.1 Basic Profile, the identifiers the brief names)
+# De-identification (PS3.15 E.1 Basic Profile: patient name, ID and birth date)
 # ----------------------------------------------------------------------------------------------
 def _deid_key() -> bytes:
     """HMAC key: $CHESTVIEW_DEID_KEY (hex, share it across a cluster) or a per-install secret."""

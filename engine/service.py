@@ -112,8 +112,7 @@ def analyze_volume(series: SeriesRecord, volume, progress: ProgressFn | None = N
     """CT analysis on a Volume the viewer already loaded (engine.dicom.volume.load_volume), so the
     series is not read and held in memory twice. Same contract as ``analyze_series``: never raises
     for bad input (any unexpected failure falls back to the full ``analyze_series`` path and its
-    error handling); raises AnalysisCancelled when ``cancel()`` is True. Worker thread only.
-    (Added by the AI-viewer engineer.)"""
+    error handling); raises AnalysisCancelled when ``cancel()`` is True. Worker thread only."""
     import logging
     import time
 

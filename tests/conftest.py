@@ -38,7 +38,7 @@ def artifacts_dir() -> Path:
     return ARTIFACTS
 
 
-# Addition (viewer engineer): PySide6 6.12's abi3 wheel on CPython 3.11 returns Py_True/Py_None
+# PySide6 6.12's abi3 wheel on CPython 3.11 returns Py_True/Py_None
 # without a new reference (it assumes PEP 683 immortal objects, 3.12+): every Signal.emit() drops
 # True's refcount by one and void Qt calls drop None's, until CPython aborts with "bool_dealloc:
 # deallocating True or False". Make them immortal as on 3.12 for the whole test session (the app

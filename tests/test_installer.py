@@ -1,7 +1,7 @@
 """Installer: the spec, the desktop entry, install/uninstall on a fake build, the runtime hook; and
 (slow, opt-in) the real PyInstaller build + smoke test.
 
-The real build (9-21 min wall, 6.5 min CPU, ~13 GB disk on 2 cores) is far over one engineer's CI share (see
+The real build (9-21 min wall, 6.5 min CPU, ~13 GB disk on 2 cores) is far over a CI run's share (see
 docs/INSTALLER.md for the measured times), so it runs only with `CHESTVIEW_SLOW=1` or `-m slow`.
 """
 from __future__ import annotations

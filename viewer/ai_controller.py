@@ -1,7 +1,7 @@
 """Wires the AI into the main window: worker, findings panel, heatmap overlay, slice strip.
 
 The main window knows nothing about AI; at the end of its ``__init__`` it creates
-``AIController(self)``, which hooks in through the documented interface (BRIEF "Viewer wiring"):
+``AIController(self)``, which hooks in through the interface documented in viewer/main_window.py:
 ``series_opened(SeriesRecord)``, ``image_view.view_box`` / ``image_item`` / ``slice_changed`` /
 ``current_slice()`` / ``set_slice(i)``, and the right dock ``findings_dock``.
 Model code never runs on the GUI thread: analysis is in viewer.workers (engine.service is

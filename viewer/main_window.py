@@ -1,7 +1,7 @@
 """ChestView main window: study browser | image view (stack or MPR) | findings dock, menus,
 shortcuts, drag and drop, recent studies, remembered layout and W/L.
 
-Interface for the other viewer modules (BRIEF "Viewer wiring"): ``open_path(path)``,
+Interface for the other viewer modules (documented here, used by viewer/ai_controller.py): ``open_path(path)``,
 ``select_series(series_uid)``, signal ``series_opened(SeriesRecord)`` (emitted after the series is
 displayed), ``image_view`` (``view_box``, ``image_item``, ``slice_changed``, ``current_slice()``,
 ``set_slice(i)``, ``current_frame_shape()``), ``current_series``, ``index`` and the right dock
@@ -281,7 +281,7 @@ class MainWindow(QMainWindow):
             self.fps_group.addAction(a)
             self.fps_actions[fps] = a
         self.set_fps(self.settings.cine_fps())
-        # optional modules from other engineers: disabled when absent
+        # optional modules (viewer/worklist.py, viewer/pacs_dialog.py): their actions are disabled when absent
         for act, mod in ((self.act_batch, "viewer.worklist"), (self.act_qr, "viewer.pacs_dialog"),
                          (self.act_network, "viewer.pacs_dialog")):
             try:
@@ -698,7 +698,7 @@ class MainWindow(QMainWindow):
         self.tag_browser.set_dataset(ds, Path(path.split("::")[-1]).name, key=path)
 
     # ---------------------------------------------------------------------------------------
-    # other engineers' optional modules (lazy)
+    # optional modules, imported lazily (see the actions in _build_actions)
     def _call_optional(self, module: str, func: str) -> None:
         try:
             fn = getattr(importlib.import_module(module), func)
