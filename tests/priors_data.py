@@ -52,3 +52,23 @@ def write_ct_studies(out: Path, patient_id: str, dates: list[str], n_slices: int
         _set_study(paths, d)
         series.append(paths)
     return series
+
+
+def main_window(qapp, tmp_path: Path, monkeypatch, *, auto_run: bool, size: tuple[int, int]):
+    """Generator for a fixture: a shown MainWindow over an empty local store; closed after the test."""
+    from viewer.main_window import MainWindow
+    from viewer.settings_store import SettingsStore
+    from viewer.style import apply_dark_theme
+
+    monkeypatch.setenv("CHESTVIEW_HOME", str(tmp_path / "home"))     # an empty local store
+    apply_dark_theme(qapp)
+    s = SettingsStore(tmp_path / "viewer.ini")
+    s.set_value("ai/auto_run", auto_run)
+    w = MainWindow(s)
+    w.resize(*size)
+    w.show()
+    qapp.processEvents()       # offscreen: shown at once (no window manager to wait for)
+    yield w
+    w.wait_idle()
+    w.close()
+    w.deleteLater()

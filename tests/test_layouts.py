@@ -11,7 +11,7 @@ from PySide6.QtGui import QDragEnterEvent, QDropEvent
 from PySide6.QtTest import QTest
 from PySide6.QtWidgets import QApplication
 
-from tests.priors_data import write_cr_studies, write_ct_studies
+from tests.priors_data import main_window, write_cr_studies, write_ct_studies
 
 
 @pytest.fixture(scope="module")
@@ -26,22 +26,7 @@ def studies(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture()
 def win(qapp, tmp_path, monkeypatch):
-    from viewer.main_window import MainWindow
-    from viewer.settings_store import SettingsStore
-    from viewer.style import apply_dark_theme
-
-    monkeypatch.setenv("CHESTVIEW_HOME", str(tmp_path / "home"))     # an empty local store
-    apply_dark_theme(qapp)
-    s = SettingsStore(tmp_path / "viewer.ini")
-    s.set_value("ai/auto_run", False)
-    w = MainWindow(s)
-    w.resize(1400, 900)
-    w.show()
-    qapp.processEvents()       # offscreen: shown at once (no window manager to wait for)
-    yield w
-    w.wait_idle()
-    w.close()
-    w.deleteLater()
+    yield from main_window(qapp, tmp_path, monkeypatch, auto_run=False, size=(1400, 900))
 
 
 def _open(win, folder: Path, qtbot) -> None:

@@ -173,22 +173,9 @@ def test_trend_panel_plots_present_metrics_and_a_click_opens_the_study(qtbot, ar
 
 @pytest.fixture()
 def trend_win(qapp, tmp_path, monkeypatch, one_torch_thread):
-    from viewer.main_window import MainWindow
-    from viewer.settings_store import SettingsStore
-    from viewer.style import apply_dark_theme
+    from tests.priors_data import main_window
 
-    monkeypatch.setenv("CHESTVIEW_HOME", str(tmp_path / "home"))
-    apply_dark_theme(qapp)
-    s = SettingsStore(tmp_path / "viewer.ini")
-    s.set_value("ai/auto_run", True)
-    w = MainWindow(s)
-    w.resize(1500, 950)
-    w.show()
-    qapp.processEvents()       # offscreen: shown at once (no window manager to wait for)
-    yield w
-    w.wait_idle()
-    w.close()
-    w.deleteLater()
+    yield from main_window(qapp, tmp_path, monkeypatch, auto_run=True, size=(1500, 950))
 
 
 def test_trend_fills_with_real_analyses_and_a_point_opens_the_prior(trend_win, qtbot, tmp_path):
