@@ -123,11 +123,26 @@ def test_worker_killed_mid_run_is_retried(demo_dir, tmp_path, ray_local) -> None
 
 def test_driver_killed_then_resumed_loses_and_duplicates_nothing(demo_dir, tmp_path) -> None:
     inp = _xray_folder(demo_dir, tmp_path / "in", 5)
+    # Ray hands the driver its rows in bursts (all six journal entries within ~0.5 s here), so a
+    # kill "after the first entry" would race the rest. The driver of the first run commits one
+    # study every 2 s (sitecustomize wraps engine.journal.Journal.write); the kill then lands
+    # between commits whatever the machine's load.
+    slow = tmp_path / "slow_journal"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(
+        "import time\n"
+        "import engine.journal as _j\n"
+        "_write = _j.Journal.write\n"
+        "def _slow_write(self, *a, **k):\n"
+        "    _write(self, *a, **k)\n"
+        "    time.sleep(2.0)\n"
+        "_j.Journal.write = _slow_write\n")
     env = dict(os.environ, PYTHONPATH=str(REPO), CHESTVIEW_HOME=str(tmp_path / "home"))
+    slow_env = dict(env, PYTHONPATH=os.pathsep.join([str(slow), str(REPO)]))
     out = tmp_path / "out"
     cmd = [sys.executable, str(REPO / "main.py"), "batch", str(inp), "--out", str(out), "--engine", "ray",
            "--ray-cpus", "2"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, env=slow_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 400
@@ -145,7 +160,7 @@ def test_driver_killed_then_resumed_loses_and_duplicates_nothing(demo_dir, tmp_p
         except ProcessLookupError:
             pass
     before = len(list((out / "journal").glob("*.json")))
-    assert 1 <= before < 6
+    assert 1 <= before < 6, before
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"{before} from an earlier run" in r.stdout

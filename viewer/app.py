@@ -111,6 +111,9 @@ def run_viewer(paths: list[str]) -> int:
             stop_storage_scp(win)
         except Exception:  # noqa: BLE001 - shutting down: nothing left to tell the user
             pass
+        from viewer.qt_workers import wait_parked_pools
+
+        wait_parked_pools()
 
 
 def _autostart_pacs(win) -> None:

@@ -813,16 +813,10 @@ class MainWindow(QMainWindow):
         super().closeEvent(ev)
 
     def _drain_workers(self, msecs: int = 10000) -> None:
-        """Wait, from Python (the GIL released), for every worker thread of this window to finish.
+        """Stop every worker pool of this window so its deletion never waits with the GIL held
+        (viewer.qt_workers.drain_pools)."""
+        from viewer.qt_workers import drain_pools
 
-        Qt's QThreadPool destructor waits for running tasks while the deleting thread holds the GIL;
-        a task that still needs the GIL (a decode waiting for its child process) would then never
-        finish and the window's deletion would hang. Draining here first makes deletion instant."""
-        from viewer.qt_workers import TaskRunner
-
-        runners = self.findChildren(TaskRunner)
-        for r in runners:
-            r.cancel_all()
-            r.pool.clear()
-        for r in runners:
-            r.wait_done(msecs)
+        if getattr(self, "ai", None) is not None:
+            self.ai.shutdown()
+        drain_pools(self, msecs)

@@ -103,3 +103,43 @@ class TaskRunner(QObject):
     def wait_done(self, msecs: int = 30000) -> bool:
         """Block until the pool is idle (tests, shutdown). Queued signals still need the event loop."""
         return self.pool.waitForDone(msecs)
+
+
+# Pools whose tasks were still running when their owner closed: kept alive here (unparented) so
+# that no C++ QThreadPool destructor runs with the GIL held while a task still needs it.
+_PARKED_POOLS: list[QThreadPool] = []
+
+
+def drain_pools(owner: QObject, msecs: int = 10000) -> int:
+    """Stop every QThreadPool under ``owner`` before it is destroyed; returns how many were parked.
+
+    Qt's ``QThreadPool::~QThreadPool`` waits for running tasks in the deleting thread. Deleted from
+    Python that thread holds the GIL, so a task that still needs the GIL (a decode waiting for its
+    child process, a Python callback) never finishes: the deletion hangs forever. Queued tasks are
+    dropped, running ones get ``msecs`` in all (``waitForDone`` releases the GIL); any still running
+    then is detached from ``owner`` and parked until it is idle, so closing never blocks."""
+    from PySide6.QtCore import QElapsedTimer
+
+    _PARKED_POOLS[:] = [p for p in _PARKED_POOLS if p.activeThreadCount() > 0]
+    pools = owner.findChildren(QThreadPool)
+    for r in owner.findChildren(TaskRunner):
+        r.cancel_all()
+    for p in pools:
+        p.clear()
+    clock = QElapsedTimer()
+    clock.start()
+    parked = 0
+    for p in pools:
+        if not p.waitForDone(max(1, msecs - int(clock.elapsed()))):
+            p.setParent(None)
+            _PARKED_POOLS.append(p)
+            parked += 1
+    return parked
+
+
+def wait_parked_pools(msecs: int = 30000) -> bool:
+    """At exit: give parked pools' last tasks time to finish (the GIL released while waiting)."""
+    ok = all(p.waitForDone(msecs) for p in _PARKED_POOLS)
+    if ok:
+        _PARKED_POOLS.clear()
+    return ok
