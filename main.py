@@ -19,14 +19,14 @@ def _has_display() -> bool:
 
 def cmd_run_demo(args: argparse.Namespace) -> int:
     """The README's main job: viewer on the demo; with no display, batch review of the demo."""
-    from engine.demo import ensure_demo
+    from engine.demo.studies import ensure_demo
 
     demo = ensure_demo()
     if _has_display() and not args.batch:
         from viewer.app import run_viewer
 
         return run_viewer([str(demo)])
-    from engine.batch import run_batch_cli
+    from engine.review.cli import run_batch_cli
 
     out = args.out or str(demo.parent / "demo-review")
     print(f"[chestview] no display: running the batch review of the demo study set in {demo}")
@@ -38,14 +38,14 @@ def cmd_view(args: argparse.Namespace) -> int:
 
     paths = list(args.paths)
     if not paths and args.demo:
-        from engine.demo import ensure_demo
+        from engine.demo.studies import ensure_demo
 
         paths = [str(ensure_demo())]
     return run_viewer(paths)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from engine.demo import ensure_demo
+    from engine.demo.studies import ensure_demo
 
     path = ensure_demo(rebuild=args.rebuild)
     print(path)
@@ -53,14 +53,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 DELEGATED: dict[str, str] = {
-    "batch": "engine.batch",
-    "selftest": "engine.selftest",
-    "train": "engine.train",
-    "evaluate": "engine.evaluate",
-    "train-xray-lung": "engine.train_xray_lung",
-    "evaluate-xray-lung": "engine.evaluate_xray_lung",
-    "compare": "engine.compare",
-    "convert-xrv": "engine.models.convert_xrv",
+    "batch": "engine.review.cli",
+    "selftest": "engine.demo.selftest",
+    "train": "engine.training.train",
+    "evaluate": "engine.training.evaluate",
+    "train-xray-lung": "engine.training.train_xray_lung",
+    "evaluate-xray-lung": "engine.training.evaluate_xray_lung",
+    "compare": "engine.training.compare",
+    "convert-xrv": "engine.training.convert_xrv",
 }
 
 
@@ -88,16 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Subcommands whose argument parsing lives with their module (one job per module).
     for name, module, helptext in [
-        ("batch", "engine.batch", "review every study under a folder; write CSV/JSON/HTML reports"),
-        ("selftest", "engine.selftest", "check decoders, models (hashes), devices; analyse the demo"),
-        ("train", "engine.train", "train a model on real data (xray|ct)"),
-        ("evaluate", "engine.evaluate", "evaluate a model and write its model card; with --labels FILE.csv, "
+        ("batch", "engine.review.cli", "review every study under a folder; write CSV/JSON/HTML reports"),
+        ("selftest", "engine.demo.selftest", "check decoders, models (hashes), devices; analyse the demo"),
+        ("train", "engine.training.train", "train a model on real data (xray|ct)"),
+        ("evaluate", "engine.training.evaluate", "evaluate a model and write its model card; with --labels FILE.csv, "
                                         "validate the shipped model on your own labelled images"),
-        ("train-xray-lung", "engine.train_xray_lung", "train the lung-input X-ray classifier (v2)"),
-        ("evaluate-xray-lung", "engine.evaluate_xray_lung", "evaluate the v2 X-ray classifier and severity "
+        ("train-xray-lung", "engine.training.train_xray_lung", "train the lung-input X-ray classifier (v2)"),
+        ("evaluate-xray-lung", "engine.training.evaluate_xray_lung", "evaluate the v2 X-ray classifier and severity "
                                                             "scorer; write their cards"),
-        ("compare", "engine.compare", "train and compare the papers' model zoo on one split"),
-        ("convert-xrv", "engine.models.convert_xrv", "convert torchxrayvision weights to safetensors"),
+        ("compare", "engine.training.compare", "train and compare the papers' model zoo on one split"),
+        ("convert-xrv", "engine.training.convert_xrv", "convert torchxrayvision weights to safetensors"),
     ]:
         sp = sub.add_parser(name, help=helptext, add_help=False)
         sp.add_argument("rest", nargs=argparse.REMAINDER)

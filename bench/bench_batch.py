@@ -1,8 +1,8 @@
 """Batch review throughput (studies per minute) and peak memory (RSS of the whole process tree).
 
-Baseline, measured in the same run: the naive loop — index, then ``engine.analysis.analyze`` on
+Baseline, measured in the same run: the naive loop — index, then ``engine.ai.analysis.analyze`` on
 every series one after the other in one process (no decode children, no journal, no report).
-Against it: ``engine.batch.run_batch`` with 1 and 2 decode workers (decode in limited child
+Against it: ``engine.review.batch.run_batch`` with 1 and 2 decode workers (decode in limited child
 processes while the parent runs inference; journal, thumbnails and report included).
 
 Each configuration runs in a fresh subprocess (cold start included: imports and model loading are
@@ -35,7 +35,7 @@ def build_folder(root: Path, n: int, with_ct: bool) -> Path:
     import pydicom
     from pydicom.uid import generate_uid
 
-    from engine.demo import ensure_demo
+    from engine.demo.studies import ensure_demo
 
     demo = ensure_demo()
     # uncompressed, JPEG 2000 lossless and lossy chest CRs and a tibia (the gate fails), in turn:
@@ -61,7 +61,7 @@ def build_folder(root: Path, n: int, with_ct: bool) -> Path:
 
 # -- the measured programs (run in a child process) ------------------------------------------------
 def _baseline(folder: str) -> dict:
-    from engine.analysis import analyze
+    from engine.ai.analysis import analyze
     from engine.dicom.index import index_path
 
     t0 = time.perf_counter()
@@ -76,7 +76,7 @@ def _baseline(folder: str) -> dict:
 
 
 def _local(folder: str, out: str, workers: int) -> dict:
-    from engine.batch import BatchOptions, run_batch
+    from engine.review.batch import BatchOptions, run_batch
 
     t0 = time.perf_counter()
     s = run_batch(BatchOptions(Path(folder), Path(out), workers=workers))

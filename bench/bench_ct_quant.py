@@ -1,15 +1,15 @@
-"""CT HU quantification (engine.ct_quant) on a 300-slice chest CT, and the whole CT pipeline.
+"""CT HU quantification (engine.ai.ct_quant) on a 300-slice chest CT, and the whole CT pipeline.
 
     .venv/bin/python bench/bench_ct_quant.py [--slices 300] [--no-pipeline]
 
-Volume: the synthetic phantom (engine.phantom) at 300 x 512 x 512, 1 mm slices, written as a
+Volume: the synthetic phantom (engine.demo.phantom) at 300 x 512 x 512, 1 mm slices, written as a
 DICOM series to a temporary folder. Rows, each timed in this run:
 
 * baseline: plain HU thresholding of the same volume inside the same lung mask (five band
   counts, no airway removal, no left/right, no vessel filter) — what a first implementation does;
 * ct_quant: quantify_ct (airways, sides, zones, classes with vessel exclusion, score), with its
   ratio to the baseline and its peak traced memory (tracemalloc sees numpy's buffers);
-* pipeline: engine.analysis.analyze on the written series (sandboxed load, lung ROI,
+* pipeline: engine.ai.analysis.analyze on the written series (sandboxed load, lung ROI,
   quantification, slice classifier on up to 48 slices, no heatmaps): the goal is <= 20 s on CPU.
 
 Prints a table and writes bench/results/ct_quant.json.
@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 def _baseline(hu: np.ndarray, lung: np.ndarray, f: int) -> dict[str, int]:
     """Band counts on the same block grid and mask, nothing else."""
-    from engine.ct_quant import _make_grid
+    from engine.ai.ct_quant import _make_grid
 
     g = _make_grid(hu, (1.0, 1.0, 1.0), f, None, None).hu
     v = g[lung]
@@ -50,9 +50,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from engine import phantom as ph
-    from engine.ct_quant import quantify_ct
-    from engine.preprocess.lung_roi import segment_lungs
+    from engine.demo import phantom as ph
+    from engine.ai.ct_quant import quantify_ct
+    from engine.ai.preprocess.lung_roi import segment_lungs
 
     slice_mm = 300.0 / args.slices
     geom = ph.PhantomGeometry(n_slices=args.slices, size=512, pixel_mm=0.7, slice_mm=slice_mm)
@@ -87,7 +87,7 @@ def main() -> None:
         "baseline_consolidation_ml_unfiltered": round(counts["consolidation"] * np.prod(q.grid_spacing_mm) / 1000.0, 2),
     }
     if not args.no_pipeline:
-        from engine.analysis import Analyzer
+        from engine.ai.analysis import Analyzer
         from engine.dicom.index import index_path
 
         with tempfile.TemporaryDirectory() as d:

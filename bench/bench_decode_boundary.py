@@ -4,7 +4,7 @@
 
 Rows, each measured in this run (median of repeats, after one warm-up call):
 * in-process ``engine.dicom.pixels.load_frame`` / ``engine.dicom.volume.load_volume``;
-* the boundary (``engine.safe_decode.bounded_load_frame`` / ``bounded_load_volume``) with the
+* the boundary (``engine.dicom.safe_decode.bounded_load_frame`` / ``bounded_load_volume``) with the
   decoded arrays returned through /dev/shm;
 * the boundary with the arrays pickled through the pipe instead (what shared memory saves).
 Files: pydicom's CT_small (128x128), a 512x512 CT slice and the 1955x1841 JPEG 2000 CR and
@@ -34,7 +34,7 @@ def _median_ms(fn, repeats: int) -> float:
 def main() -> None:
     from pydicom.data import get_testdata_file
 
-    import engine.safe_decode as sd
+    import engine.dicom.safe_decode as sd
     from engine.dicom.index import index_path
     from engine.dicom.pixels import load_frame
     from engine.dicom.volume import load_volume

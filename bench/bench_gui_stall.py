@@ -1,7 +1,7 @@
 """GUI responsiveness while the AI runs: longest event-loop stall (target < 50 ms).
 
-A 5 ms precise QTimer on the GUI thread records the gap between ticks (viewer.workers.StallMeter)
-while viewer.workers.AnalysisRunner analyses the demo studies in its worker thread. Phases:
+A 5 ms precise QTimer on the GUI thread records the gap between ticks (viewer.ai.workers.StallMeter)
+while viewer.ai.workers.AnalysisRunner analyses the demo studies in its worker thread. Phases:
 idle baseline, startup (model cards: imports torch), CT cold (first analysis: model build),
 CT warm (engine reads the series), CT warm on an already loaded volume (the viewer's path),
 X-ray warm. Prints max / p99 gap, gaps over 50 ms, the engine stage of the worst gap
@@ -34,29 +34,29 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads (CHESTVIEW_THREADS); 0 = the viewer's policy: physical cores - 1")
     ap.add_argument("--nice", type=int, default=None,
-                    help="worker thread nice value (viewer.workers.WORKER_NICE; 0 = same as the GUI)")
+                    help="worker thread nice value (viewer.ai.workers.WORKER_NICE; 0 = same as the GUI)")
     args = ap.parse_args()
     if args.nice is not None:
-        import viewer.workers
+        import viewer.ai.workers
 
-        viewer.workers.WORKER_NICE = args.nice
+        viewer.ai.workers.WORKER_NICE = args.nice
     if args.threads:
         os.environ["CHESTVIEW_THREADS"] = str(args.threads)
     else:   # what the viewer does (AIController): one core left for the GUI thread
-        from viewer.ai_controller import leave_a_core_for_the_gui
+        from viewer.ai.ai_controller import leave_a_core_for_the_gui
 
         leave_a_core_for_the_gui()
 
     from PySide6.QtCore import QEventLoop, QTimer
     from PySide6.QtWidgets import QApplication
 
-    from viewer.app import protect_singletons   # PySide6 6.12 on CPython 3.11 refcount workaround
+    from viewer.qt_startup import protect_singletons   # PySide6 6.12 on CPython 3.11 refcount workaround
 
     protect_singletons()
     app = QApplication.instance() or QApplication(sys.argv[:1])
-    from engine.demo import build_demo
+    from engine.demo.studies import build_demo
     from engine.service import open_path
-    from viewer.workers import AnalysisRunner, ModelInfoLoader, StallMeter
+    from viewer.ai.workers import AnalysisRunner, ModelInfoLoader, StallMeter
 
     assert "torch" not in sys.modules, "the viewer side must not import torch"
     tmp = Path(tempfile.mkdtemp(prefix="chestview-bench-"))

@@ -80,7 +80,7 @@ def main() -> None:
     folders = [Path(a) for a in sys.argv[1:]]
     tmp = None
     if not folders:
-        from engine.demo import build_demo
+        from engine.demo.studies import build_demo
 
         tmp = tempfile.TemporaryDirectory()
         folders.append(build_demo(Path(tmp.name) / "demo"))

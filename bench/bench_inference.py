@@ -45,13 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import torch
 
-    from engine.analysis import Analyzer
+    from engine.ai.analysis import Analyzer
     from engine.dicom.records import SeriesRecord
-    from engine.explain.gradcam import cams_from_fmap
-    from engine.models.devices import autocast, pick_device
-    from engine.models.registry import CT_MODEL, XRAY_MODEL, load_model
-    from engine.phantom import PhantomGeometry, phantom_volume
-    from engine.preprocess.lung_roi import segment_lungs
+    from engine.ai.explain.gradcam import cams_from_fmap
+    from engine.ai.models.devices import autocast, pick_device
+    from engine.ai.models.registry import CT_MODEL, XRAY_MODEL, load_model
+    from engine.demo.phantom import PhantomGeometry, phantom_volume
+    from engine.ai.preprocess.lung_roi import segment_lungs
 
     cpu = pick_device("cpu")
     rows: list[tuple[str, float | None, str]] = []   # (what, seconds, unit note)

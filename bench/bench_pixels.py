@@ -24,6 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from engine.dicom import display as dp  # noqa: E402
 from engine.dicom import pixels as px  # noqa: E402
 
 
@@ -61,16 +62,16 @@ def bench_display(path: str) -> dict:
 
     def dragging():  # a new window every frame
         drag["c"] += 1.0
-        return px.render_display(frame, drag["c"], 1500.0)
+        return dp.render_display(frame, drag["c"], 1500.0)
 
     def float_path():
-        y = px.apply_voi(frame.values, frame.window[0], frame.window[1], frame.voi_function)
+        y = dp.apply_voi(frame.values, frame.window[0], frame.window[1], frame.voi_function)
         return np.rint(y * 255.0).astype(np.uint8)
 
     load_ms = 1000.0 / _rate(lambda: px.load_frame(path))
     rows = {
         "naive pydicom LUTs (baseline)": _rate(naive),
-        "render_display default window": _rate(lambda: px.render_display(frame)),
+        "render_display default window": _rate(lambda: dp.render_display(frame)),
         "render_display window drag": _rate(dragging),
         "apply_voi + rint (unfused)": _rate(float_path),
     }
@@ -131,7 +132,7 @@ def _time(fn, repeat: int = 3) -> float:
 
 def main() -> None:
     warnings.simplefilter("ignore")
-    from engine.phantom import PhantomGeometry, write_phantom_series
+    from engine.demo.phantom import PhantomGeometry, write_phantom_series
 
     results: dict = {}
     with tempfile.TemporaryDirectory() as tmp:

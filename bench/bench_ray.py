@@ -1,5 +1,5 @@
 """Ray engine throughput: studies per minute against the number of workers, with the local
-engine on the same folder as the baseline in the same run (issue 12).
+engine on the same folder as the baseline in the same run.
 
     .venv/bin/python bench/bench_ray.py [--studies N] [--workers 1 2 ...]
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 
 
 def _folder(root: Path, n: int) -> Path:
-    from engine.demo import build_demo
+    from engine.demo.studies import build_demo
     from tests.test_batch import _xray_folder
 
     demo = root / "demo"
@@ -35,9 +35,9 @@ def _folder(root: Path, n: int) -> Path:
 
 
 def _stage_costs(inp: Path) -> dict:
-    from engine.analysis import default_analyzer
+    from engine.ai.analysis import default_analyzer
     from engine.dicom.index import index_path
-    from engine.safe_decode import decode_series
+    from engine.dicom.safe_decode import decode_series
 
     t = time.perf_counter()
     idx = index_path(inp)
@@ -66,8 +66,8 @@ def main() -> int:
     a = ap.parse_args()
     import ray
 
-    from engine.batch import BatchOptions, run_batch
-    from engine.ray_batch import run_batch_ray
+    from engine.review.batch import BatchOptions, run_batch
+    from engine.review.ray_batch import run_batch_ray
 
     tmp = Path(tempfile.mkdtemp(prefix="chestview-bench-ray-"))
     try:

@@ -33,12 +33,12 @@ def main() -> int:
     from viewer.app import create_app
 
     app = create_app()
-    from engine.demo import build_demo
+    from engine.demo.studies import build_demo
     from engine.dicom.index import index_path
-    from engine.dicom.pixels import apply_voi
+    from engine.dicom.display import apply_voi
     from engine.dicom.volume import load_volume
-    from viewer.image_view import FrameSource, ImageView, VolumeSource
-    from viewer.main_window import _series_items
+    from viewer.view.image_view import FrameSource, ImageView, VolumeSource
+    from viewer.view.stack_order import series_items
 
     tmp = tempfile.TemporaryDirectory(prefix="chestview-bench-")
     demo = build_demo(Path(tmp.name) / "demo")
@@ -106,7 +106,7 @@ def main() -> int:
     for name, _ in cases:
         rows.append((name, best[name][0], best[name][1]))
 
-    items, step = _series_items(ct)
+    items, step = series_items(ct)
     src = FrameSource(items, reading_step=step)
     iv.set_stack(src, window=(-600, 1500))
 
@@ -120,7 +120,7 @@ def main() -> int:
     iv.close()
 
     # time to first image through the main window (viewer only: AI controller disabled)
-    sys.modules["viewer.ai_controller"] = None  # type: ignore[assignment]
+    sys.modules["viewer.ai.ai_controller"] = None  # type: ignore[assignment]
     from viewer.main_window import MainWindow
     from viewer.settings_store import SettingsStore
 

@@ -198,7 +198,7 @@ def run_case(repo: Path, mode: str, folder: Path | None, env: dict, timeout: flo
 
 def make_folders(tmp: Path) -> dict[str, Path]:
     """A CR study (pydicom-data's RG1_UNCR chest radiograph) and the demo CT phantom series."""
-    from engine.demo import build_demo
+    from engine.demo.studies import build_demo
 
     demo = build_demo(tmp / "demo")
     cr = next(p for p in sorted((demo / "CR_CHEST").glob("*.dcm")))

@@ -170,7 +170,7 @@ def batch_path(files: list[Path], tree: Path | None, timeout_s: float = 20.0) ->
     import signal
 
     from engine.errors import LoadError
-    from engine.safe_decode import LimitedPool, decode_series, series_timeout
+    from engine.dicom.safe_decode import LimitedPool, decode_series, series_timeout
 
     c: Counter = Counter()
     memory_hit = False

@@ -9,7 +9,7 @@ byte literals, person names in DICOM PN form (PS3.5 6.2, ``Family^Given``) and a
 :func:`install` hooks the two ways text reaches stderr from Python code — the ``warnings``
 machinery and every ``logging`` record (through the record factory, so records of any logger
 and any handler are covered) — and is called at process start by main.py, engine.service and
-each decode child of engine.safe_decode.
+each decode child of engine.dicom.safe_decode.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def deid_path(rel_path: str, key: bytes = b"") -> str:
     """A stable, non-reversible name for a file under ``--deidentify``: ``file-<hmac>.<ext>``.
 
     Relative paths keep folder names, and folders are often named after patients; the keyed hash
-    (engine.report's de-identification key) identifies the file across runs without naming it.
+    (engine.review.report's de-identification key) identifies the file across runs without naming it.
     A ZIP member keeps the separator so the two halves stay distinguishable.
     """
     head, sep, member = str(rel_path).partition("::")

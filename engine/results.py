@@ -34,7 +34,7 @@ class Finding:
 @dataclass
 class Severity:
     """Radiograph severity: Cohen et al. 2020 geographic extent (0-8) and opacity (0-6), and, from the
-    zone scorer (engine.severity_zones), the six Brixia zone scores (0-3; A/B/C right upper/middle/
+    zone scorer (engine.ai.severity_zones), the six Brixia zone scores (0-3; A/B/C right upper/middle/
     lower, D/E/F left; thirds of each lung's height) and their sum (0-18)."""
 
     geographic_extent: float     # 0-8
@@ -44,7 +44,7 @@ class Severity:
     model_version: str
     zone_scores: dict[str, float] = field(default_factory=dict)   # "A".."F" -> 0-3
     brixia_global: float | None = None                            # 0-18
-    method: str = "cohen-logit"  # "cohen-logit" (Cohen et al. formula) | "zone-ridge" (engine.severity_zones)
+    method: str = "cohen-logit"  # "cohen-logit" (Cohen et al. formula) | "zone-ridge" (engine.ai.severity_zones)
     # zone -> (top, left, bottom, right) in displayed-image pixels (bottom/right exclusive), where to draw
     # each zone's score on the image (a Brixia-style grid over the segmented lungs)
     zone_boxes: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
@@ -80,7 +80,7 @@ class CTSliceScore:
 
 @dataclass
 class CTZoneStats:
-    """HU classes of one lung or zone (engine.ct_quant); percentages of the region's lung volume."""
+    """HU classes of one lung or zone (engine.ai.ct_quant); percentages of the region's lung volume."""
 
     lung: str                    # "right" | "left" | "both"
     zone: str                    # "upper" | "middle" | "lower" | "whole" (zones are thirds, not lobes)
@@ -108,7 +108,7 @@ class CTSeverityRegion:
 
 @dataclass
 class CTQuantification:
-    """CT quantification in HU per lung and zone (engine.ct_quant); ``labels`` is the opacity map."""
+    """CT quantification in HU per lung and zone (engine.ai.ct_quant); ``labels`` is the opacity map."""
 
     method: str
     version: str
@@ -156,8 +156,8 @@ class StudyResult:
     ct_study_probability: float | None = None
     ct_slice_scores: list[CTSliceScore] = field(default_factory=list)
     lung_volume_ml: float | None = None
-    ct_quant: CTQuantification | None = None     # HU quantification (engine.ct_quant); None if not run
-    ct_verdict: Any = None       # engine.ct_verdict.CTVerdict: COVID-19 flag from classifier + HU burden
+    ct_quant: CTQuantification | None = None     # HU quantification (engine.ai.ct_quant); None if not run
+    ct_verdict: Any = None       # engine.ai.ct_verdict.CTVerdict: COVID-19 flag from classifier + HU burden
     timings_ms: dict[str, float] = field(default_factory=dict)
     error: str | None = None     # set when analysis failed; other fields may be empty
     warnings: list[str] = field(default_factory=list)

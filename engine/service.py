@@ -26,10 +26,10 @@ _scrub_logs()
 
 
 def load_frame(path: str | Path, frame: int = 0):
-    """One decoded Frame (engine.dicom.pixels.Frame) of an untrusted file, decoded in a sandboxed
-    child process (engine.safe_decode): a hostile file becomes a LoadError, never a crash, hang or
+    """One decoded Frame (engine.dicom.display.Frame) of an untrusted file, decoded in a sandboxed
+    child process (engine.dicom.safe_decode): a hostile file becomes a LoadError, never a crash, hang or
     memory blow-up of the caller. Raises LoadError only."""
-    from engine.safe_decode import bounded_load_frame
+    from engine.dicom.safe_decode import bounded_load_frame
 
     return bounded_load_frame(path, frame)
 
@@ -37,14 +37,14 @@ def load_frame(path: str | Path, frame: int = 0):
 def load_volume(series: SeriesRecord, progress: ProgressFn | None = None, cancel: CancelFn | None = None):
     """A CT series as engine.dicom.volume.Volume, decoded in a sandboxed child. LoadError only
     (AnalysisCancelled when ``cancel()`` turns True)."""
-    from engine.safe_decode import bounded_load_volume
+    from engine.dicom.safe_decode import bounded_load_volume
 
     return bounded_load_volume(series, progress=progress, cancel=cancel)
 
 
 def read_header(path: str | Path):
     """The dataset without pixel data, parsed in a sandboxed child. LoadError only."""
-    from engine.safe_decode import bounded_read_header
+    from engine.dicom.safe_decode import bounded_read_header
 
     return bounded_read_header(path)
 
@@ -61,15 +61,15 @@ def overlay_planes(path: str | Path, frame: int = 0):
 
 def thumbnail(series: SeriesRecord, size: int = 96):
     """uint8 thumbnail of the series' middle image, made in a sandboxed child. LoadError only."""
-    from engine.safe_decode import bounded_thumbnail
+    from engine.dicom.safe_decode import bounded_thumbnail
 
     return bounded_thumbnail(series, size)
 
 
 def set_wait_hook(fn: Callable[[], None] | None) -> None:
     """Called every ~20 ms while the calling thread waits on a sandboxed decode (the GUI passes
-    one that serves timers and paint events). See engine.safe_decode.set_wait_hook."""
-    from engine.safe_decode import set_wait_hook as _set
+    one that serves timers and paint events). See engine.dicom.safe_decode.set_wait_hook."""
+    from engine.dicom.safe_decode import set_wait_hook as _set
 
     _set(fn)
 
@@ -77,7 +77,7 @@ def set_wait_hook(fn: Callable[[], None] | None) -> None:
 def warm_up() -> None:
     """Start the sandboxed decode processes now (call from a worker thread at startup) so the
     first image does not wait for them."""
-    from engine.safe_decode import boundary_pool
+    from engine.dicom.safe_decode import boundary_pool
 
     boundary_pool("interactive").submit(len, "").result()
     boundary_pool("background").submit(len, "").result()
@@ -94,7 +94,7 @@ def analyze_series(series: SeriesRecord, progress: ProgressFn | None = None,
                    cancel: CancelFn | None = None) -> StudyResult:
     """Run the AI pipeline on one series (call from a worker thread, never the GUI thread)."""
     preload_model_runtime()
-    from engine.analysis import analyze
+    from engine.ai.analysis import analyze
 
     return analyze(series, progress=progress, cancel=cancel)
 
@@ -102,7 +102,7 @@ def analyze_series(series: SeriesRecord, progress: ProgressFn | None = None,
 def model_infos() -> list:
     """ModelInfo for every registered model (trained or labelled 'untrained')."""
     preload_model_runtime()
-    from engine.models.registry import list_model_infos
+    from engine.ai.models.registry import list_model_infos
 
     return list_model_infos()
 
@@ -117,7 +117,7 @@ def analyze_volume(series: SeriesRecord, volume, progress: ProgressFn | None = N
     import time
 
     preload_model_runtime()
-    from engine.analysis import default_analyzer
+    from engine.ai.analysis import default_analyzer
     from engine.errors import AnalysisCancelled
 
     t0 = time.perf_counter()

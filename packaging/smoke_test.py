@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         elif version not in out:
             failures.append(f"selftest output lacks the version {version}")
 
-        # Batch review of the demo: decodes in spawned child processes (engine.safe_decode), which in a
+        # Batch review of the demo: decodes in spawned child processes (engine.dicom.safe_decode), which in a
         # frozen app re-run the executable; the runtime hook must turn them into workers.
         rc, out, _ = run([str(exe), "demo"], env, 600, "chestview demo")
         demo = out.strip().splitlines()[-1] if out.strip() else ""

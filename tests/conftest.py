@@ -24,7 +24,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo study set, built once per test session into a temp folder."""
-    from engine.demo import build_demo
+    from engine.demo.studies import build_demo
 
     out = tmp_path_factory.mktemp("demo")
     build_demo(out)
@@ -42,7 +42,7 @@ def artifacts_dir() -> Path:
 # without a new reference (it assumes PEP 683 immortal objects, 3.12+): every Signal.emit() drops
 # True's refcount by one and void Qt calls drop None's, until CPython aborts with "bool_dealloc:
 # deallocating True or False". Make them immortal as on 3.12 for the whole test session (the app
-# does the same in viewer.app.protect_singletons).
+# does the same in viewer.qt_startup.protect_singletons).
 def _protect_singletons() -> None:
     import ctypes
     import sys
@@ -64,7 +64,7 @@ def one_torch_thread():
     the small batches of the model tests (use with ``pytestmark = pytest.mark.usefixtures(...)``)."""
     import torch
 
-    from engine.models.devices import configure_threads
+    from engine.ai.models.devices import configure_threads
 
     configure_threads()
     n = torch.get_num_threads()

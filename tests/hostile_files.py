@@ -1,4 +1,4 @@
-"""Hostile and malformed DICOM files, generated (no binary blobs): the regression corpus of issue 16.
+"""Hostile and malformed DICOM files, generated (no binary blobs): the regression corpus of the decode boundary (engine.dicom.safe_decode).
 
 Each builder writes one file and returns its path; :data:`BUILDERS` maps a name to
 ``(builder, expected reason fragment)``. bench/make_hostile_corpus.py uses the same builders

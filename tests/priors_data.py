@@ -1,5 +1,5 @@
 """Multi-study patients for the hanging, layout and trend tests, written from real DICOM: copies of
-pydicom-data's RG1 chest CR (engine.demo) and small versions of the CT phantom (engine.phantom),
+pydicom-data's RG1 chest CR (engine.demo.studies) and small versions of the CT phantom (engine.demo.phantom),
 with one Patient ID and new Study Instance UIDs / Study Dates per study."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _set_study(paths: list[Path], study_date: str, study_time: str = "093000",
 
 def write_cr_studies(out: Path, patient_id: str, dates: list[str], name: str = "TREND^CR") -> list[Path]:
     """One PA chest CR study per date (RG1 copy); returns the file paths, oldest study first."""
-    from engine.demo import _copy_radiograph, _testdata
+    from engine.demo.studies import _copy_radiograph, _testdata
 
     src = _testdata("RG1_UNCR.dcm")
     if src is None:
@@ -41,7 +41,7 @@ def write_ct_studies(out: Path, patient_id: str, dates: list[str], n_slices: int
                      z_shift_mm: float = 5.0, name: str = "TREND^CT") -> list[list[Path]]:
     """One small axial phantom CT per date (other seed, table shifted by ``z_shift_mm`` per study,
     as a rescan lands at another table position); returns the series' file lists, oldest first."""
-    from engine.phantom import PhantomGeometry, write_phantom_series
+    from engine.demo.phantom import PhantomGeometry, write_phantom_series
 
     series = []
     for k, d in enumerate(dates):

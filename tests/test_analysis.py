@@ -1,15 +1,15 @@
-"""analyze() end to end on the demo study set and on trained-card stand-ins (engine.analysis)."""
+"""analyze() end to end on the demo study set and on trained-card stand-ins (engine.ai.analysis)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from engine.analysis import Analyzer
+from engine.ai.analysis import Analyzer
 from engine.dicom.records import InstanceRecord, SeriesRecord
 from engine.errors import AnalysisCancelled
-from engine.models import registry
-from engine.models.densenet_xray import COVID_CLASSES, XRV_PATHOLOGIES
+from engine.ai.models import registry
+from engine.ai.models.densenet_xray import COVID_CLASSES, XRV_PATHOLOGIES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -40,7 +40,7 @@ def untrained(tmp_path, monkeypatch):
 
 
 def test_demo_untrained_models_no_findings(demo_series, untrained):
-    from engine.phantom import phantom_truth
+    from engine.demo.phantom import phantom_truth
 
     an = Analyzer("cpu", ct_max_slices=4)
     seen = []
@@ -119,7 +119,7 @@ def test_trained_gate_failure_greys_findings(trained_models):
 def test_trained_ct_slice_scores_and_heatmaps(tmp_path, monkeypatch):
     import types
 
-    from engine.phantom import PhantomGeometry, phantom_volume
+    from engine.demo.phantom import PhantomGeometry, phantom_volume
 
     d = tmp_path / "models"
     card = registry.default_card(registry.CT_MODEL)

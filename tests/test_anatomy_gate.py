@@ -1,17 +1,17 @@
-"""X-ray anatomy gate (engine.validity.anatomy_checks): refuses what is not a frontal adult human
-chest radiograph, passes real frontal chest radiographs; wired into engine.analysis."""
+"""X-ray anatomy gate (engine.ai.validity.anatomy_checks): refuses what is not a frontal adult human
+chest radiograph, passes real frontal chest radiographs; wired into engine.ai.analysis."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from engine.validity import AnatomyHeader, GateBuilder, anatomy_checks, header_anatomy_checks, read_anatomy_header
+from engine.ai.validity import AnatomyHeader, GateBuilder, anatomy_checks, header_anatomy_checks, read_anatomy_header
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _gate(gray, header=None):
-    from engine.preprocess.xray_lungs import segment_lungs_xray
+    from engine.ai.preprocess.xray_lungs import segment_lungs_xray
 
     gate = GateBuilder()
     anatomy_checks(gate, segment_lungs_xray(gray), gray, header)
@@ -19,7 +19,8 @@ def _gate(gray, header=None):
 
 
 def _dicom_gray(path):
-    from engine.dicom.pixels import display_gray01, load_frame
+    from engine.dicom.display import display_gray01
+    from engine.dicom.pixels import load_frame
 
     frame = load_frame(path)
     g = display_gray01(frame)
@@ -65,7 +66,7 @@ def test_header_human_frontal_adult_passes():
 
 
 def test_no_lungs_reason_is_readable():
-    from engine.preprocess.xray_lungs import lungs_from_labels
+    from engine.ai.preprocess.xray_lungs import lungs_from_labels
 
     lab = np.zeros((200, 200), np.uint8)
     lab[50:60, 20:30] = 1                                  # one small region, 0.25% of the image
@@ -96,7 +97,7 @@ def test_refuses_tibia():
 
 
 def test_refuses_ct_slice_fed_as_xray(shared_data):
-    from engine.preprocess.ct import hu_to_gray01
+    from engine.ai.preprocess.ct import hu_to_gray01
 
     gray, frame = _dicom_gray(shared_data / "dicom" / "ct_orthanc_ge_brightspeed_lung.dcm")
     assert not _gate(gray).passed
@@ -104,7 +105,7 @@ def test_refuses_ct_slice_fed_as_xray(shared_data):
 
 
 def test_refuses_blank_inverted_and_lateral(shared_data):
-    from engine.datasets import load_gray01
+    from engine.training.datasets import load_gray01
 
     assert not _gate(np.zeros((512, 512), np.float32)).passed
     assert not _gate(np.full((512, 512), 0.5, np.float32)).passed
@@ -134,7 +135,7 @@ def test_passes_real_frontal_chest_radiographs(shared_data):
 
 def test_analysis_refuses_dog_with_anatomy_reason(shared_data):
     """Wired into the X-ray path: the dog DX (Body Part THORAX, so the header check alone passes it)."""
-    from engine.analysis import Analyzer
+    from engine.ai.analysis import Analyzer
     from engine.dicom.records import InstanceRecord, SeriesRecord
 
     path = shared_data / "dicom" / "other_highdicom_dog_thorax_dx.dcm"

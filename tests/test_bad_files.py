@@ -17,7 +17,8 @@ from pydicom.uid import (CTImageStorage, DeflatedExplicitVRLittleEndian, Explici
                          ImplicitVRLittleEndian, generate_uid)
 
 from engine.dicom.index import index_path
-from engine.dicom.pixels import load_frame, read_header, render_display
+from engine.dicom.display import render_display
+from engine.dicom.pixels import load_frame, read_header
 from engine.errors import LoadError
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns on the broken input

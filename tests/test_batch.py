@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from engine.errors import LoadError
-from engine.report import strip_timing
-from engine.safe_decode import LimitedPool, decode_series, run_limited
+from engine.review.report import strip_timing
+from engine.dicom.safe_decode import LimitedPool, decode_series, run_limited
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,9 +151,9 @@ def test_analysis_reads_the_pixels_the_bounded_child_decoded(demo_dir, tmp_path)
     """The parent never decodes a second time: analyze() gets the child's Frame, in this thread only."""
     import threading
 
-    from engine.batch import series_outcome
+    from engine.review.stages import series_outcome
     from engine.dicom.records import InstanceRecord, SeriesRecord
-    from engine.safe_decode import reuse_decoded
+    from engine.dicom.safe_decode import reuse_decoded
 
     inp = _xray_folder(demo_dir, tmp_path / "in", 1)
     se = SeriesRecord(_uid("chest0", "series"), _uid("chest0", "study"), "PID-778890", "CR", 1, "", "CHEST", "PA",
@@ -187,7 +187,7 @@ def _load_or_reason(load_frame, se):
 
 
 def test_output_inside_input_is_refused(demo_dir, tmp_path, capsys):
-    from engine.batch import cli_main
+    from engine.review.cli import cli_main
 
     inp = _xray_folder(demo_dir, tmp_path / "in", 1)
     before = _snapshot(inp)
@@ -198,7 +198,7 @@ def test_output_inside_input_is_refused(demo_dir, tmp_path, capsys):
 
 def test_decoder_time_limit_in_a_batch(demo_dir, tmp_path):
     """A decode that overruns --timeout is stopped, reported with its reason, and the batch completes."""
-    from engine.batch import BatchOptions, run_batch
+    from engine.review.batch import BatchOptions, run_batch
 
     inp = _xray_folder(demo_dir, tmp_path / "in", 1)
     problems: list[tuple[str, str]] = []
@@ -213,7 +213,7 @@ def test_decoder_time_limit_in_a_batch(demo_dir, tmp_path):
 
 
 def test_batch_reviews_the_demo_folder_with_broken_files(demo_dir, tmp_path, capsys, artifacts_dir):
-    from engine.batch import cli_main
+    from engine.review.cli import cli_main
 
     inp = tmp_path / "in"
     shutil.copytree(demo_dir, inp)
@@ -354,7 +354,7 @@ def _close(a, b) -> bool:
 
 def test_batched_inference_across_studies_matches_per_series(demo_dir, tmp_path):
     """--batch-size (GPU default 8) shares forward passes across studies without changing any row."""
-    from engine.batch import BatchOptions, run_batch
+    from engine.review.batch import BatchOptions, run_batch
 
     inp = _xray_folder(demo_dir, tmp_path / "in", 2)
     one = run_batch(BatchOptions(inp, tmp_path / "one", workers=1, batch_size=1))
@@ -367,7 +367,7 @@ def test_batched_inference_across_studies_matches_per_series(demo_dir, tmp_path)
 
 
 def test_deidentified_batch_outputs_carry_no_identifiers(demo_dir, tmp_path, monkeypatch):
-    from engine.batch import BatchOptions, run_batch
+    from engine.review.batch import BatchOptions, run_batch
 
     monkeypatch.setenv("CHESTVIEW_HOME", str(tmp_path / "home"))
     inp = _xray_folder(demo_dir, tmp_path / "Testpatient_Alice0_archive", 1)   # identifiers in paths too

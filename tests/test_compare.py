@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.compare import kmeans, run_compare
+from engine.training.compare import kmeans, run_compare
 
 
 def _make_dataset(root: Path, n: int = 48) -> Path:

@@ -1,4 +1,4 @@
-"""Safe conversion of torchxrayvision whole-module pickles (engine.models.convert_xrv)."""
+"""Safe conversion of torchxrayvision whole-module pickles (engine.training.convert_xrv)."""
 from __future__ import annotations
 
 import io
@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from engine.errors import ModelError
-from engine.models import convert_xrv
-from engine.models.densenet_xray import XRV_PATHOLOGIES, XRayDenseNet
+from engine.training import convert_xrv
+from engine.ai.models.densenet_xray import XRV_PATHOLOGIES, XRayDenseNet
 
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Couldn't retrieve source code"),
@@ -79,7 +79,7 @@ def test_convert_whole_module_pickle(xrv_files, tmp_path, zip_format):
     assert card["operating_thresholds_from_source"]["Atelectasis"] == pytest.approx(0.1)
     from safetensors.torch import load_file
 
-    from engine.models.registry import sha256_file
+    from engine.ai.models.registry import sha256_file
 
     w = tmp_path / "models" / card["file"]
     assert card["sha256"] == sha256_file(w)
@@ -98,7 +98,7 @@ def test_convert_whole_module_pickle(xrv_files, tmp_path, zip_format):
 def test_registry_labels_converted_weights_external(xrv_files, tmp_path, monkeypatch):
     src = xrv_files[1][True]
     assert convert_xrv.cli_main([str(src), "--out", str(tmp_path / "models"), "--dtype", "float16"]) == 0
-    from engine.models import registry
+    from engine.ai.models import registry
 
     monkeypatch.setenv("CHESTVIEW_MODELS", str(tmp_path / "models"))
     registry.clear_cache()

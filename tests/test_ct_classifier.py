@@ -38,10 +38,10 @@ def test_training_and_app_preprocessing_agree_on_the_same_pixels(tmp_path):
     """A figure PNG through the training path and the same pixels as HU through the app's path give one tensor."""
     from PIL import Image
 
-    from engine.analysis import Analyzer
-    from engine.datasets import ct_batch_input, encode_ct_slice
-    from engine.preprocess.ct import LUNG_WINDOW
-    from engine.preprocess.ct_input import figure_lung_mask
+    from engine.ai.analysis import Analyzer
+    from engine.training.datasets import ct_batch_input, encode_ct_slice
+    from engine.ai.preprocess.ct import LUNG_WINDOW
+    from engine.ai.preprocess.ct_input import figure_lung_mask
 
     g = _figure_slice()
     png = tmp_path / "slice.png"
@@ -68,7 +68,7 @@ def test_training_and_app_preprocessing_agree_on_the_same_pixels(tmp_path):
 
 def test_normalisation_removes_overall_brightness_and_window():
     """Brighter rendering or another window of the same slice gives (nearly) the same model input."""
-    from engine.preprocess.ct_input import figure_lung_mask, prepare_ct_slice
+    from engine.ai.preprocess.ct_input import figure_lung_mask, prepare_ct_slice
 
     g = _figure_slice(1)
     mask = figure_lung_mask(g)
@@ -80,7 +80,7 @@ def test_normalisation_removes_overall_brightness_and_window():
 
 
 def test_rendering_augmentation_changes_pixels_but_keeps_range():
-    from engine.preprocess.ct_input import augment_ct_batch, figure_lung_mask
+    from engine.ai.preprocess.ct_input import augment_ct_batch, figure_lung_mask
 
     g = torch.from_numpy(_figure_slice(2)[::2, ::2].copy()).float()
     m = torch.from_numpy(figure_lung_mask(g.numpy()))
@@ -96,7 +96,7 @@ def _q(opacity: float, volume: float = 4500.0) -> SimpleNamespace:
 
 
 def test_verdict_needs_classifier_and_burden():
-    from engine.ct_verdict import BASIS_COMBINED, MIN_OPACITY_PERCENT, ct_verdict
+    from engine.ai.ct_verdict import BASIS_COMBINED, MIN_OPACITY_PERCENT, ct_verdict
 
     hi, lo = MIN_OPACITY_PERCENT + 4.0, MIN_OPACITY_PERCENT / 4
     v = ct_verdict(0.9, 0.6, _q(hi), is_volume=True)
@@ -114,7 +114,7 @@ def test_verdict_needs_classifier_and_burden():
 
 
 def test_single_slice_is_classifier_only_and_never_flagged():
-    from engine.ct_verdict import BASIS_SLICE_ONLY, ct_verdict
+    from engine.ai.ct_verdict import BASIS_SLICE_ONLY, ct_verdict
 
     v = ct_verdict(0.99, 0.5, None, is_volume=False)
     assert v.basis == BASIS_SLICE_ONLY == "slice classifier only, no volume"
@@ -130,7 +130,7 @@ def card() -> dict:
 
 
 def test_card_contents(card):
-    from engine.models import registry
+    from engine.ai.models import registry
 
     assert card["name"] == "ct-inception" and card["version"] == "2.0.0" and card["trained"] is True
     assert card["sha256"] == registry.sha256_file(CARD.parent / card["file"])
@@ -161,7 +161,7 @@ def test_card_contents(card):
 
 
 def test_registry_ships_version_2():
-    from engine.models import registry
+    from engine.ai.models import registry
 
     registry.clear_cache()
     lm = registry.load_model(registry.CT_MODEL)
@@ -171,7 +171,7 @@ def test_registry_ships_version_2():
 
 # ---------------------------------------------------------------- real CT (skips without ../shared)
 def _analyze(path: Path):
-    from engine.analysis import Analyzer
+    from engine.ai.analysis import Analyzer
     from engine.dicom.index import index_path
 
     series = [s for s in index_path(path).all_series() if s.kind == "ct"]
@@ -188,7 +188,7 @@ def test_lung_cancer_series_is_not_flagged(shared_data):
 
 
 def test_nema_ct1_slice_is_not_flagged(shared_data):
-    from engine.ct_verdict import BASIS_SLICE_ONLY
+    from engine.ai.ct_verdict import BASIS_SLICE_ONLY
 
     res = _analyze(shared_data / "dicom" / "ct_wg04_ct1_transfer_syntaxes" / "CT1_UNC_explicitLE.dcm")
     assert res.error is None and res.ct_study_probability is not None

@@ -1,4 +1,4 @@
-"""CT HU quantification (engine.ct_quant): phantom ground truth, robustness (thick slices, padded
+"""CT HU quantification (engine.ai.ct_quant): phantom ground truth, robustness (thick slices, padded
 field of view, prone, missing slices), the real lung-cancer series, the CT gate, SEG/SR export,
 and the opacity map on the axial stack and the coronal/sagittal MPR panes."""
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import phantom as ph
-from engine.ct_quant import (LABEL_CONSOLIDATION, LABEL_GGO, QuantificationRefused, quantify_ct,
+from engine.demo import phantom as ph
+from engine.ai.ct_quant import (LABEL_CONSOLIDATION, LABEL_GGO, QuantificationRefused, quantify_ct,
                              severity_points)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,7 +173,7 @@ def test_lung_cancer_series_small_burden_at_the_tumour(cancer):
 
 
 def _gate(vol, series):
-    from engine.validity import GateBuilder, ct_series_checks, header_checks, volume_checks
+    from engine.ai.validity import GateBuilder, ct_series_checks, header_checks, volume_checks
 
     gate = GateBuilder()
     header_checks(gate, "ct", series.modality, series.body_part)
@@ -245,10 +245,10 @@ def test_gate_labels_the_phantom(small_series):
 
 
 def test_analyzer_fills_ct_quant(small_series):
-    """The CT path of engine.analysis sets ``ct_quant`` (read by the study verdict) and its JSON form."""
+    """The CT path of engine.ai.analysis sets ``ct_quant`` (read by the study verdict) and its JSON form."""
     import torch
 
-    from engine.analysis import Analyzer
+    from engine.ai.analysis import Analyzer
 
     torch.set_num_threads(1)
     series, v = small_series
@@ -257,7 +257,7 @@ def test_analyzer_fills_ct_quant(small_series):
     assert res.ct_quant.total_opacity_percent > 0.5 and res.ct_quant.is_phantom
     d = res.to_json_dict()["ct_quant"]
     assert d["labels"]["shape"] == list(res.ct_quant.labels.shape) and d["severity_score"] == res.ct_quant.severity_score
-    from engine.report import build_row, ct_quant_columns
+    from engine.review.report import build_row, ct_quant_columns
 
     row = build_row(None, None, series, res)
     cols = ct_quant_columns(row)
@@ -267,7 +267,7 @@ def test_analyzer_fills_ct_quant(small_series):
 def test_seg_and_sr_written_and_reread(small_series, tmp_path):
     import pydicom
 
-    from engine.dicom.export import ExportKinds, build_exports, write_datasets
+    from engine.interop.export import ExportKinds, build_exports, write_datasets
 
     series, v = small_series
     res = _result(series, v)
@@ -281,7 +281,7 @@ def test_seg_and_sr_written_and_reread(small_series, tmp_path):
     import highdicom as hd
 
     back = hd.seg.segread(seg_p)
-    from engine.ct_quant import full_resolution_labels
+    from engine.ai.ct_quant import full_resolution_labels
 
     full = full_resolution_labels(res.ct_quant)
     vox_ml = float(np.prod(v.spacing)) / 1000.0

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine.datasets import (SUPPORTED_PATHOLOGIES, encode_ct_slice, encode_xray, load_gray01, read_csv_rows,
+from engine.training.datasets import (SUPPORTED_PATHOLOGIES, encode_ct_slice, encode_xray, load_gray01, read_csv_rows,
                              source_balanced_weights, xray_targets)
 
 
 def test_xray_targets_mask_unlabelled_outputs():
-    from engine.models.densenet_xray import LUNG_OPACITY_INDEX, XRV_PATHOLOGIES
+    from engine.ai.models.densenet_xray import LUNG_OPACITY_INDEX, XRV_PATHOLOGIES
 
     rows = [{"label": "covid"}, {"label": "other_pneumonia"}, {"label": "normal"}, {"label": "other_finding"}]
     cov, tgt, mask = xray_targets(rows)
@@ -35,7 +35,7 @@ def test_source_balanced_weights():
 
 
 def test_xray_training_input_is_exactly_prepare_xray(shared_data):
-    from engine.preprocess.xray import prepare_xray
+    from engine.ai.preprocess.xray import prepare_xray
 
     rows = read_csv_rows(shared_data / "xray" / "labels.csv")
     p = shared_data / "xray" / rows[0]["path"]
@@ -47,7 +47,7 @@ def test_xray_training_input_is_exactly_prepare_xray(shared_data):
 
 
 def test_ct_slice_crop_keeps_the_lungs(shared_data):
-    from engine.preprocess.ct_slices import crop_lungs, lung_bbox
+    from engine.ai.preprocess.ct_slices import crop_lungs, lung_bbox
 
     rows = read_csv_rows(shared_data / "ct" / "slices.csv")
     found = 0
@@ -68,7 +68,7 @@ def test_ct_slice_crop_keeps_the_lungs(shared_data):
 
 
 def test_ct_crop_falls_back_on_images_without_lungs():
-    from engine.preprocess.ct_slices import crop_lungs
+    from engine.ai.preprocess.ct_slices import crop_lungs
 
     flat = np.full((64, 80), 0.5, np.float32)
     crop, box = crop_lungs(flat)

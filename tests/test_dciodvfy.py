@@ -20,7 +20,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from engine.dicom import export as ex
+from engine.interop import export as ex
 from tests.orthanc_server import make_sources
 from tests.test_export import ct_result, xray_result
 
@@ -183,7 +183,7 @@ def test_each_object_type_was_checked(tool, collected, srcs, tmp_path):
     for label in ("CR uncompressed", "CT uncompressed"):
         _validate(tool, collected, srcs[label], tmp_path / label.replace(" ", "_"), label)
     expected = {"SR (Comprehensive 3D, TID 1500)", "Parametric Map", "Secondary Capture"}
-    if HAS_SEG:                                   # the CT opacity map (engine/dicom/export_seg.py)
+    if HAS_SEG:                                   # the CT opacity map (engine/interop/export_seg.py)
         expected.add("Segmentation")
     assert expected <= set(collected)
 

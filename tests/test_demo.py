@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from engine import phantom as ph
+from engine.demo import phantom as ph
 from engine.dicom.index import index_path
 
 SMALL = ph.PhantomGeometry(n_slices=8, size=128, pixel_mm=2.8, slice_mm=10.0, z0_mm=60.0)
@@ -118,7 +118,7 @@ def test_demo_files_are_valid_part10_with_new_uids(demo_dir: Path) -> None:
 
 def test_ensure_demo_builds_once_and_rebuilds_when_incomplete(tmp_path: Path, demo_dir: Path,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine import demo
+    from engine.demo import studies as demo
 
     monkeypatch.setenv("CHESTVIEW_HOME", str(tmp_path / "home"))
     calls = []
@@ -142,7 +142,7 @@ def test_ensure_demo_builds_once_and_rebuilds_when_incomplete(tmp_path: Path, de
 
 
 def test_killed_build_leaves_no_half_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine import demo
+    from engine.demo import studies as demo
 
     monkeypatch.setenv("CHESTVIEW_HOME", str(tmp_path / "home"))
 

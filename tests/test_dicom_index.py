@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from engine import phantom as ph
+from engine.demo import phantom as ph
 from engine.dicom.index import index_path, sort_instances
 from engine.dicom.pixels import load_frame, read_header
 from engine.dicom.records import InstanceRecord

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file, get_testdata_files
 
-from engine.dicom.pixels import (DEFAULT_BUDGET_BYTES, Frame, apply_voi, display_gray01,
-                                 load_frame, read_header, render_display)
+from engine.dicom.budget import DEFAULT_BUDGET_BYTES
+from engine.dicom.display import Frame, apply_voi, display_gray01, render_display
+from engine.dicom.pixels import load_frame, read_header
 from engine.errors import LoadError
 
 
@@ -89,7 +90,7 @@ def test_every_package_image_decodes_or_gives_load_error() -> None:
     if extra:
         files += glob.glob(os.path.join(os.path.dirname(extra), "*.dcm"))
     decoded, refused, by_ts = 0, 0, set()
-    # JPEG-lossy.dcm (12-bit JPEG extended, Se=0 in its SOS) decodes since issue 17 item 7
+    # JPEG-lossy.dcm (12-bit JPEG extended, Se=0 in its SOS) decodes (pylibjpeg handles Se=0)
     known_bad = {"JPEG2000-embedded-sequence-delimiter.dcm", "MR_truncated.dcm",
                  "badVR.dcm", "emri_small_jpeg_2k_lossless_too_short.dcm"}
     with warnings.catch_warnings():

@@ -10,7 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from engine import phantom as ph
+from engine.demo import phantom as ph
 from engine.dicom.index import index_path
 from engine.dicom.records import SeriesRecord
 from engine.dicom.volume import load_volume

@@ -8,9 +8,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from engine.dicom import export as ex
-from engine.dicom import network as net
-from engine.netconfig import NetworkSettings, Peer
+from engine.interop import export as ex
+from engine.interop import network as net
+from engine.interop.netconfig import NetworkSettings, Peer
 from engine.results import (RESEARCH_USE, CTSliceScore, Finding, Heatmap, ModelInfo, Severity,
                             StudyResult, Validity)
 from tests.orthanc_server import OrthancServer, ensure_orthanc, make_sources

@@ -1,4 +1,4 @@
-"""Grad-CAM localisation on a tiny model trained in the test to detect a bright square (engine.explain.gradcam)."""
+"""Grad-CAM localisation on a tiny model trained in the test to detect a bright square (engine.ai.explain.gradcam)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.explain.gradcam import cams_from_fmap, ct_heatmap, gradcam, normalise, xray_heatmap
-from engine.preprocess.xray import prepare_xray
+from engine.ai.explain.gradcam import cams_from_fmap, ct_heatmap, gradcam, normalise, xray_heatmap
+from engine.ai.preprocess.xray import prepare_xray
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

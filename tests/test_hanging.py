@@ -1,4 +1,4 @@
-"""engine.hanging: series ranking, priors and the default chest hanging (no Qt)."""
+"""engine.reading.hanging: series ranking, priors and the default chest hanging (no Qt)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from engine.dicom.records import IndexResult, InstanceRecord, PatientRecord, SeriesRecord, StudyRecord
-from engine.hanging import (LUNG_WINDOW, default_hanging, find_priors, nearest_position_index, plane,
+from engine.reading.hanging import (LUNG_WINDOW, default_hanging, find_priors, nearest_position_index, plane,
                             primary_series, rank_series, series_class)
 from tests.priors_data import write_cr_studies, write_ct_studies
 

@@ -1,4 +1,4 @@
-"""Issue 16 in batch: the hostile corpus in patient-named folders beside genuine studies.
+"""Hostile files in batch: the hostile corpus in patient-named folders beside genuine studies.
 
 rc 0; every hostile file is a problem or a failed row with the right reason; the genuine studies
 after them are analysed; with --deidentify neither stderr nor results.json names a patient or a

@@ -1,4 +1,4 @@
-"""Issue 16: the untrusted-decode boundary (engine.safe_decode) against a generated hostile corpus.
+"""The untrusted-decode boundary (engine.dicom.safe_decode) against a generated hostile corpus.
 
 Every hostile file becomes a LoadError with a reason that names what is wrong; none crashes,
 hangs or bloats the test process; genuine files decode identically through the boundary.
@@ -30,7 +30,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("name", sorted(hf.BUILDERS))
 def test_hostile_file_is_a_clean_load_error(corpus: Path, name: str) -> None:
-    from engine.safe_decode import bounded_load_frame
+    from engine.dicom.safe_decode import bounded_load_frame
 
     frame = 0
     if name == "multiframe_hostile.dcm":   # its first frame is genuine and still displays
@@ -49,7 +49,7 @@ def test_hostile_file_is_a_clean_load_error(corpus: Path, name: str) -> None:
 def test_multiframe_ct_with_hostile_later_frame_never_reaches_the_parent(corpus: Path) -> None:
     """analysis._ct -> load_volume used to decode every frame in the batch parent, unbounded."""
     from engine.dicom.index import index_path
-    from engine.safe_decode import bounded_load_volume, decode_series, run_limited
+    from engine.dicom.safe_decode import bounded_load_volume, decode_series, run_limited
 
     se = next(s for s in index_path(corpus / "multiframe_hostile.dcm").all_series())
     with pytest.raises(LoadError) as ei:
@@ -61,7 +61,7 @@ def test_multiframe_ct_with_hostile_later_frame_never_reaches_the_parent(corpus:
 
 def test_boundary_returns_the_same_pixels_as_in_process(shared_data_or_package: Path) -> None:
     from engine.dicom.pixels import load_frame
-    from engine.safe_decode import bounded_load_frame
+    from engine.dicom.safe_decode import bounded_load_frame
 
     a, b = load_frame(shared_data_or_package), bounded_load_frame(shared_data_or_package)
     assert np.array_equal(a.values, b.values) and np.array_equal(a.stored, b.stored)
@@ -91,7 +91,7 @@ def _pid() -> int:
 
 
 def test_child_that_hit_its_memory_limit_or_crashed_is_never_reused() -> None:
-    from engine.safe_decode import LimitedPool
+    from engine.dicom.safe_decode import LimitedPool
 
     with LimitedPool(1, timeout_s=20, memory_mb=1536) as pool:
         first = pool.submit(_pid).result()
@@ -107,7 +107,7 @@ def test_child_that_hit_its_memory_limit_or_crashed_is_never_reused() -> None:
 
 def test_memory_guard_sizes_the_limit_from_the_declared_size() -> None:
     """A decoder allocating far beyond what the file declares fails with MemoryError in the child."""
-    from engine.safe_decode import run_limited
+    from engine.dicom.safe_decode import run_limited
 
     with pytest.raises(LoadError, match="memory"):
         run_limited(_guarded_alloc, timeout_s=20, memory_mb=3072)
@@ -121,7 +121,7 @@ def _guarded_alloc() -> int:
 
 
 def test_jpeg_extended_12bit_decodes(tmp_path: Path) -> None:
-    """Issue 17 item 7: 12-bit JPEG extended (1.2.840.10008.1.2.4.51) with Se=0 in its scan header."""
+    """12-bit JPEG extended (1.2.840.10008.1.2.4.51) with Se=0 in its scan header."""
     from pydicom.data import get_testdata_file
 
     from engine.dicom.pixels import load_frame, repair_sequential_scan
@@ -138,7 +138,7 @@ def test_jpeg_extended_12bit_decodes(tmp_path: Path) -> None:
 
 def test_budget_message_states_the_right_figures(tmp_path: Path) -> None:
     """A 77 MiB image is not '77 MiB over a 512 MiB budget': the working size is stated."""
-    from engine.dicom.pixels import check_budget
+    from engine.dicom.budget import check_budget
 
     ds = hf.image_dataset("budget", hf.EXPLICIT_LE, rows=6400, cols=6400)
     with pytest.raises(LoadError) as ei:
@@ -235,7 +235,7 @@ def test_fuzzed_headers_and_codestreams_never_escape_the_loader(tmp_path: Path) 
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    from engine.safe_decode import bounded_load_frame
+    from engine.dicom.safe_decode import bounded_load_frame
 
     seeds = [hf.genuine_cr(tmp_path / "g.dcm").read_bytes(), (hf.rle_bomb(tmp_path / "r.dcm")).read_bytes(),
              hf.jpeg_sof_bomb(tmp_path / "j.dcm").read_bytes()]
@@ -263,7 +263,7 @@ def test_fuzzed_headers_and_codestreams_never_escape_the_loader(tmp_path: Path) 
 
 def test_volume_comes_back_through_shared_memory_unchanged(tmp_path: Path) -> None:
     """A 40x256x256 CT (5 MiB of int16) crosses the boundary as a /dev/shm buffer, not the pipe."""
-    import engine.safe_decode as sd
+    import engine.dicom.safe_decode as sd
     from engine.dicom.index import index_path
     from engine.dicom.volume import load_volume
 
@@ -286,7 +286,7 @@ def test_volume_comes_back_through_shared_memory_unchanged(tmp_path: Path) -> No
 
 
 def test_orphaned_buffers_of_a_killed_parent_are_removed() -> None:
-    from engine.safe_decode import _unlink_orphans
+    from engine.dicom.safe_decode import _unlink_orphans
 
     orphan = Path("/dev/shm") / "chestview-999999999-1-0-1-0"
     orphan.write_bytes(b"x")

@@ -1,4 +1,4 @@
-"""Issue 16 in the viewer: each hostile file goes through the window's open path; the window
+"""Hostile files in the viewer: each hostile file goes through the window's open path; the window
 survives, keeps answering (a QTimer ping is served at least once a second throughout) and
 shows a per-image reason; a genuine study opened afterwards displays."""
 from __future__ import annotations
@@ -110,7 +110,7 @@ def test_tag_browser_shows_readable_elements_and_marks_unreadable(qapp, tmp_path
     from pydicom.data import get_testdata_file
 
     from engine.service import read_header
-    from viewer.tag_browser import TagBrowser
+    from viewer.browse.tag_browser import TagBrowser
 
     tb = TagBrowser()
     tb.set_dataset(read_header(get_testdata_file("badVR.dcm")), "badVR.dcm")

@@ -242,7 +242,7 @@ with ctx.Pool(1) as pool:  # a Pool also starts the resource tracker (the `-c` h
 
 
 def test_runtime_hook_turns_spawned_children_into_workers(tmp_path: Path) -> None:
-    """engine.safe_decode starts decoder children with `spawn`: in the frozen app they re-run the
+    """engine.dicom.safe_decode starts decoder children with `spawn`: in the frozen app they re-run the
     executable, and must become workers instead of reaching main.py's argparse (exit status 2)."""
     exe = tmp_path / "chestview"
     exe.write_text(_FROZEN_EXE.format(python=sys.executable, hook=str(PKG / "rthooks" / "pyi_rth_chestview.py")))

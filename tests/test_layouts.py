@@ -38,7 +38,7 @@ def _open(win, folder: Path, qtbot) -> None:
 
 def _drop(target, uid: str) -> bool:
     md = QMimeData()
-    from viewer.study_browser import SERIES_MIME
+    from viewer.view.layouts import SERIES_MIME
 
     md.setData(SERIES_MIME, uid.encode())
     pos = QPointF(target.width() / 2, target.height() / 2)
@@ -139,7 +139,8 @@ def test_cr_prior_hung_beside_current_and_active_viewport_gets_the_actions(win, 
 
 
 def test_drag_series_from_browser_onto_viewport_and_same_frame_sync(win, qtbot, studies):
-    from viewer.study_browser import SERIES_MIME, UID_ROLE
+    from viewer.browse.study_browser import UID_ROLE
+    from viewer.view.layouts import SERIES_MIME
 
     _open(win, studies["ct"], qtbot)
     g = win.viewports

@@ -1,12 +1,12 @@
-"""Classical lung ROI on the synthetic CT phantom (engine.preprocess.lung_roi)."""
+"""Classical lung ROI on the synthetic CT phantom (engine.ai.preprocess.lung_roi)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from engine.preprocess.lung_roi import choose_slices, margin_box, segment_lungs
+from engine.ai.preprocess.lung_roi import choose_slices, margin_box, segment_lungs
 
-phantom = pytest.importorskip("engine.phantom")
+phantom = pytest.importorskip("engine.demo.phantom")
 
 
 def _run(geom):

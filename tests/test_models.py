@@ -1,15 +1,15 @@
-"""Architectures, preprocessing against hand-computed values, devices (engine.models, engine.preprocess)."""
+"""Architectures, preprocessing against hand-computed values, devices (engine.ai.models, engine.ai.preprocess)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from engine.models import devices
-from engine.models.densenet_xray import LUNG_OPACITY_INDEX, XRV_PATHOLOGIES, XRayDenseNet
-from engine.models.inception_ct import CTInception
-from engine.preprocess.ct import ct_model_input, hu_to_gray01
-from engine.preprocess.xray import center_crop_box, prepare_xray, to_xrv_range
+from engine.ai.models import devices
+from engine.ai.models.densenet_xray import LUNG_OPACITY_INDEX, XRV_PATHOLOGIES, XRayDenseNet
+from engine.ai.models.inception_ct import CTInception
+from engine.ai.preprocess.ct import ct_model_input, hu_to_gray01
+from engine.ai.preprocess.xray import center_crop_box, prepare_xray, to_xrv_range
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

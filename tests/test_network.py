@@ -17,8 +17,10 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
-from engine.dicom import network as net
-from engine.netconfig import NetworkSettings, Peer, TLSSettings, load_settings, save_settings
+from engine.interop import network as net
+from engine.interop.netconfig import NetworkSettings, Peer, TLSSettings, load_settings, save_settings
+from engine.interop.received import file_instance
+from engine.interop.storage_scp import StorageSCP
 from tests.orthanc_server import SECRET_ID, SECRET_NAME, OrthancServer, ensure_orthanc, make_sources
 
 pytestmark = pytest.mark.timeout(300)
@@ -42,7 +44,7 @@ def pacs(tmp_path_factory, sources):
     work = tmp_path_factory.mktemp("orthanc")
     settings = NetworkSettings(ae_title="CHESTVIEW", port=0, bind_address="127.0.0.1", timeout_s=20,
                                allowed_calling_aets=["ORTHANC"])
-    scp = net.StorageSCP(settings, root=work / "scp_store")
+    scp = StorageSCP(settings, root=work / "scp_store")
     scp.start()
     orthanc = OrthancServer(exe, work / "pacs", modalities={"chestview": ("CHESTVIEW", "127.0.0.1", scp.port)})
     try:
@@ -92,26 +94,26 @@ def test_file_instance_is_atomic_and_never_overwrites(tmp_path, sources):
     good = sources["ct"][0].read_bytes()
     ds = pydicom.dcmread(sources["ct"][0])
     st, se, sop = str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
-    a = net.file_instance(good, st, se, sop, tmp_path)
+    a = file_instance(good, st, se, sop, tmp_path)
     assert a.path == tmp_path / st / se / f"{sop}.dcm" and not a.duplicate and not a.conflict
     assert a.path.stat().st_mode & 0o777 == 0o644                # readable by PACS tools (was 0600)
-    again = net.file_instance(good, st, se, sop, tmp_path)
+    again = file_instance(good, st, se, sop, tmp_path)
     assert again.duplicate and again.path == a.path
     ds.PixelData = bytes(len(ds.PixelData))                      # same UID, different (valid) data set
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
-    other = net.file_instance(buf.getvalue(), st, se, sop, tmp_path)
+    other = file_instance(buf.getvalue(), st, se, sop, tmp_path)
     assert other.conflict and other.path == a.path
     assert a.path.read_bytes() == good                           # the stored copy is untouched
     assert [p.name for p in (tmp_path / st / se).iterdir()] == [f"{sop}.dcm"]
     # a stored copy that fails the integrity check (truncated) is replaced by a valid one
     a.path.write_bytes(good[: len(good) - 5000])
-    fixed = net.file_instance(good, st, se, sop, tmp_path)
+    fixed = file_instance(good, st, se, sop, tmp_path)
     assert fixed.replaced and a.path.read_bytes() == good
     assert not list(tmp_path.rglob("*.part"))                    # no temp files left behind
     for bad in ("../../etc", "1.2.abc", "", "1." + "2" * 70):
         with pytest.raises(ValueError):
-            net.file_instance(b"x", bad, se, sop, tmp_path)
+            file_instance(b"x", bad, se, sop, tmp_path)
     assert not (tmp_path.parent / "etc").exists()
 
 
@@ -146,8 +148,8 @@ def test_scp_allow_list_rejects_unknown_callers(tmp_path, sources):
     scp_settings = NetworkSettings(ae_title="CVSCP", port=0, bind_address="127.0.0.1", timeout_s=10,
                                    allowed_calling_aets=["GOODSCU"])
     with pytest.raises(net.NetworkError, match="allow-list"):
-        net.StorageSCP(NetworkSettings(port=0, bind_address="127.0.0.1")).start()
-    with net.StorageSCP(scp_settings, root=tmp_path / "store") as scp:
+        StorageSCP(NetworkSettings(port=0, bind_address="127.0.0.1")).start()
+    with StorageSCP(scp_settings, root=tmp_path / "store") as scp:
         target = Peer("ChestView SCP", "CVSCP", "127.0.0.1", scp.port)
         good = NetworkSettings(ae_title="GOODSCU", timeout_s=10)
         evil = NetworkSettings(ae_title="EVILSCU", timeout_s=10)
@@ -171,7 +173,7 @@ def test_tls_between_our_scu_and_scp(tmp_path, sources):
     scp_settings = NetworkSettings(ae_title="CVSCP", port=0, bind_address="127.0.0.1", timeout_s=10,
                                    allowed_calling_aets=["GOODSCU"],
                                    tls=TLSSettings(enabled=True, cert_file=str(cert), key_file=str(key)))
-    with net.StorageSCP(scp_settings, root=tmp_path / "store") as scp:
+    with StorageSCP(scp_settings, root=tmp_path / "store") as scp:
         secure = Peer("ChestView SCP", "CVSCP", "127.0.0.1", scp.port, tls=True)
         plain = Peer("ChestView SCP", "CVSCP", "127.0.0.1", scp.port, tls=False)
         client = NetworkSettings(ae_title="GOODSCU", timeout_s=10, tls=tls)

@@ -7,7 +7,7 @@ import pydicom
 import pytest
 
 from engine import paths
-from engine.netconfig import NetworkSettings, Peer, load_settings, save_settings
+from engine.interop.netconfig import NetworkSettings, Peer, load_settings, save_settings
 from tests.orthanc_server import SECRET_ID, OrthancServer, ensure_orthanc, free_port, make_sources
 
 pytestmark = pytest.mark.timeout(300)
@@ -52,14 +52,14 @@ def main_window(qtbot, tmp_path, monkeypatch, orthanc):
     qtbot.addWidget(mw)
     mw.show()
     yield mw
-    from viewer.pacs_dialog import stop_storage_scp
+    from viewer.pacs.pacs_dialog import stop_storage_scp
 
     stop_storage_scp(mw)
     mw.runner.wait_done(10000)
 
 
 def test_search_and_retrieve_into_browser(qtbot, main_window, sources, artifacts_dir):
-    from viewer.pacs_dialog import MODALITIES, open_query_retrieve
+    from viewer.pacs.pacs_dialog import MODALITIES, open_query_retrieve
 
     mw = main_window
     ct = pydicom.dcmread(sources["ct"][0], stop_before_pixels=True)
@@ -126,7 +126,7 @@ def test_search_and_retrieve_into_browser(qtbot, main_window, sources, artifacts
 
 
 def test_network_settings_dialog_validates_saves_and_echoes(qtbot, main_window, artifacts_dir):
-    from viewer.pacs_dialog import open_network_settings
+    from viewer.pacs.pacs_dialog import open_network_settings
 
     dlg = open_network_settings(main_window)
     assert dlg.peer_table.rowCount() == 1 and dlg.peer_table.item(0, 1).text() == "ORTHANC"
@@ -148,8 +148,8 @@ def test_network_settings_dialog_validates_saves_and_echoes(qtbot, main_window, 
 
 
 def test_storage_scp_autostart_follows_settings(qtbot, main_window, sources):
-    from engine.dicom import network as net
-    from viewer.pacs_dialog import autostart_storage_scp, stop_storage_scp
+    from engine.interop import network as net
+    from viewer.pacs.pacs_dialog import autostart_storage_scp, stop_storage_scp
 
     assert autostart_storage_scp(main_window) is None                # start_scp is off
     s = load_settings()

@@ -1,4 +1,4 @@
-"""Priors and trend: engine.priors (pure), the trend panel in the findings dock (pytest-qt), and
+"""Priors and trend: engine.reading.priors (pure), the trend panel in the findings dock (pytest-qt), and
 the per-patient trend section of the batch HTML report."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from PySide6.QtCore import Qt
 from PySide6.QtTest import QTest
 
-from engine import report as rp
+from engine.review import report as rp
 from engine.dicom.records import InstanceRecord, PatientRecord, SeriesRecord, StudyRecord
-from engine.priors import (order_points, patient_trend, point_from_result, series_to_analyse,
+from engine.reading.priors import (order_points, patient_trend, point_from_result, series_to_analyse,
                            severity_metrics, study_datetime, trend_svg, trends_from_rows)
 from engine.results import Finding, ModelInfo, Severity, StudyResult, Validity
 from tests.priors_data import write_cr_studies
@@ -61,9 +61,9 @@ def test_severity_metrics_read_whatever_the_result_carries():
 
 
 def test_ct_quantification_of_the_phantom_lands_in_the_trend():
-    """The real HU quantification (engine.ct_quant) on a small phantom volume, read by the trend."""
-    ct_quant = pytest.importorskip("engine.ct_quant")
-    from engine.phantom import PhantomGeometry, phantom_volume
+    """The real HU quantification (engine.ai.ct_quant) on a small phantom volume, read by the trend."""
+    ct_quant = pytest.importorskip("engine.ai.ct_quant")
+    from engine.demo.phantom import PhantomGeometry, phantom_volume
 
     geom = PhantomGeometry(n_slices=24, size=128, pixel_mm=2.8, slice_mm=10.0, z0_mm=40.0)
     hu = phantom_volume(geom)
@@ -145,7 +145,7 @@ def test_trend_svg_places_points_by_date():
 
 # -- the viewer ---------------------------------------------------------------------------------
 def test_trend_panel_plots_present_metrics_and_a_click_opens_the_study(qtbot, artifacts_dir):
-    from viewer.trend_panel import TrendPanel
+    from viewer.ai.trend_panel import TrendPanel
 
     studies = _studies()[:3]
     pts = order_points(point_from_result(st, _result(st.series[-1], p, e), st.series[-1])
@@ -208,7 +208,7 @@ def test_trend_fills_with_real_analyses_and_a_point_opens_the_prior(trend_win, q
 @pytest.fixture(scope="module")
 def pacs_with_priors(tmp_path_factory):
     """Orthanc holding three CR studies of one patient; only the newest is opened locally."""
-    from engine.netconfig import NetworkSettings, Peer
+    from engine.interop.netconfig import NetworkSettings, Peer
     from tests.orthanc_server import OrthancServer, ensure_orthanc
 
     exe = ensure_orthanc()
@@ -230,7 +230,7 @@ def pacs_with_priors(tmp_path_factory):
 
 def test_pacs_query_by_patient_id_lists_earlier_studies_not_opened(pacs_with_priors):
     from engine.dicom.index import index_path
-    from engine.priors import query_pacs_priors
+    from engine.reading.priors import query_pacs_priors
 
     settings, files = pacs_with_priors
     idx = index_path(files[-1].parent)
@@ -239,7 +239,7 @@ def test_pacs_query_by_patient_id_lists_earlier_studies_not_opened(pacs_with_pri
     assert problems == []
     assert [(peer, m.study_date) for peer, m in found] == [("Test PACS", "20240312"), ("Test PACS", "20230110")]
     # an unreachable peer is reported, not raised
-    from engine.netconfig import Peer
+    from engine.interop.netconfig import Peer
 
     dead = type(settings)(**{**settings.__dict__, "peers": [Peer("Gone", "GONE", "127.0.0.1", 9), *settings.peers]})
     found2, problems2 = query_pacs_priors(dead, current, {current.study_uid})
@@ -247,7 +247,7 @@ def test_pacs_query_by_patient_id_lists_earlier_studies_not_opened(pacs_with_pri
 
 
 def test_trend_panel_names_pacs_priors_of_the_displayed_patient(trend_win, qtbot, pacs_with_priors):
-    from engine.netconfig import save_settings
+    from engine.interop.netconfig import save_settings
 
     w = trend_win
     if w.trend is None:

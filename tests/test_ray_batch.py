@@ -1,4 +1,4 @@
-"""The Ray engine (issue 12) against the local engine: same rows, same failures; resume after the
+"""The Ray engine against the local engine: same rows, same failures; resume after the
 driver is killed; a worker killed mid-run is retried. CI-sized: a local Ray with 2 CPUs."""
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ import pytest
 
 pytest.importorskip("ray", reason="the Ray engine needs the cluster extra (pip install '.[cluster]')")
 
-from engine.batch import BatchOptions, run_batch  # noqa: E402
-from engine.ray_batch import merge_index_results, ray_index, run_batch_ray  # noqa: E402
-from engine.report import strip_timing  # noqa: E402
+from engine.review.batch import BatchOptions, run_batch  # noqa: E402
+from engine.review.ray_batch import merge_index_results, ray_index, run_batch_ray  # noqa: E402
+from engine.review.report import strip_timing  # noqa: E402
 from tests.test_batch import _xray_folder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,13 +125,13 @@ def test_driver_killed_then_resumed_loses_and_duplicates_nothing(demo_dir, tmp_p
     inp = _xray_folder(demo_dir, tmp_path / "in", 5)
     # Ray hands the driver its rows in bursts (all six journal entries within ~0.5 s here), so a
     # kill "after the first entry" would race the rest. The driver of the first run commits one
-    # study every 2 s (sitecustomize wraps engine.journal.Journal.write); the kill then lands
+    # study every 2 s (sitecustomize wraps engine.review.journal.Journal.write); the kill then lands
     # between commits whatever the machine's load.
     slow = tmp_path / "slow_journal"
     slow.mkdir()
     (slow / "sitecustomize.py").write_text(
         "import time\n"
-        "import engine.journal as _j\n"
+        "import engine.review.journal as _j\n"
         "_write = _j.Journal.write\n"
         "def _slow_write(self, *a, **k):\n"
         "    _write(self, *a, **k)\n"

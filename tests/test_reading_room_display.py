@@ -164,7 +164,7 @@ def win(qtbot, tmp_path):
 
 def _view():
     """A bare ImageView on a small array (geometry and rendering tests)."""
-    from viewer.image_view import ImageView
+    from viewer.view.image_view import ImageView
 
     iv = ImageView()
     iv.resize(400, 400)
@@ -384,9 +384,9 @@ def _volume(nz: int = 30, n: int = 48, dz: float = 8.0, dxy: float = 0.7):
 
 
 def test_mpr_numbers_like_the_stack_slab_in_mm_and_interpolated_reformats(qtbot):
-    from viewer.annotations import SeriesMeta
-    from viewer.image_view import VolumeSource
-    from viewer.mpr_view import MPRView
+    from viewer.view.annotations import SeriesMeta
+    from viewer.view.image_view import VolumeSource
+    from viewer.view.mpr_view import MPRView
 
     vol = _volume()
     iv = _view()
@@ -422,7 +422,7 @@ def test_mpr_numbers_like_the_stack_slab_in_mm_and_interpolated_reformats(qtbot)
 
 # ------------------------------------------------------------------------------------ 6. smoothing
 def test_magnified_images_are_smoothed_and_nearest_on_request(qtbot):
-    from viewer.image_view import ArraySource, SliceData
+    from viewer.view.image_view import ArraySource, SliceData
 
     iv = _view()
     qtbot.addWidget(iv)
@@ -449,7 +449,7 @@ def test_magnified_images_are_smoothed_and_nearest_on_request(qtbot):
 
 # ------------------------------------------------------------------------------------ 8. defaults
 def test_default_ct_window_ignores_padding_outside_the_field_of_view(win, tmp_path):
-    from viewer.image_view import default_window
+    from viewer.view.image_view import default_window
 
     hu = ct_phantom(1)[0].astype(np.float32)
     for pad in ((-2000.0, None), None):           # from the header, and from the corners alone
@@ -464,7 +464,7 @@ def test_default_ct_window_ignores_padding_outside_the_field_of_view(win, tmp_pa
 
 
 def test_cine_runs_at_the_series_frame_time(win, tmp_path):
-    from viewer.annotations import meta_from_dataset
+    from viewer.view.annotations import meta_from_dataset
 
     uid = write_xa(tmp_path / "xa", frames=12, frame_time=33.33)
     win.open_path(tmp_path / "xa", wait=True)
@@ -491,7 +491,7 @@ def test_cine_runs_at_the_series_frame_time(win, tmp_path):
 
 # ------------------------------------------------------------------------------------ 9. smaller items
 def test_first_drag_after_an_angle_draws(qtbot):
-    from viewer.image_view import ArraySource, SliceData
+    from viewer.view.image_view import ArraySource, SliceData
 
     iv = _view()
     qtbot.addWidget(iv)
@@ -513,8 +513,8 @@ def test_first_drag_after_an_angle_draws(qtbot):
 
 
 def test_flip_after_rotate_flips_on_screen(qtbot):
-    from viewer.annotations import SeriesMeta, edge_letters
-    from viewer.image_view import ArraySource, SliceData
+    from viewer.view.annotations import SeriesMeta, edge_letters
+    from viewer.view.image_view import ArraySource, SliceData
 
     iv = _view()
     qtbot.addWidget(iv)
@@ -554,7 +554,7 @@ def test_tag_browser_has_its_own_dock_with_the_value_column_visible(win, tmp_pat
 
 
 def test_colorbar_threshold_label_never_overlaps_the_end_marks(qtbot):
-    from viewer.overlays import ColorBar
+    from viewer.view.heatmap_overlay import ColorBar
 
     cb = ColorBar()
     qtbot.addWidget(cb)
@@ -576,8 +576,8 @@ def test_colorbar_threshold_label_never_overlaps_the_end_marks(qtbot):
 def test_worklist_top_finding_is_the_panels_first_row(qtbot):
     from types import SimpleNamespace
 
-    from engine.report import build_row
-    from viewer.findings_panel import FindingsPanel
+    from engine.review.report import build_row
+    from viewer.ai.findings_panel import FindingsPanel
 
     res = _result_for("1.2.3.4")
     panel = FindingsPanel()
@@ -593,7 +593,7 @@ def test_worklist_top_finding_is_the_panels_first_row(qtbot):
 
 
 def test_shorter_corner_text_leaves_no_stale_box(qtbot):
-    from viewer.image_view import ArraySource, SliceData
+    from viewer.view.image_view import ArraySource, SliceData
 
     iv = _view()
     qtbot.addWidget(iv)
@@ -615,7 +615,7 @@ def test_shorter_corner_text_leaves_no_stale_box(qtbot):
 def test_names_and_caret_descriptions_are_formatted(tmp_path, win):
     import pydicom
 
-    from viewer.annotations import display_text, meta_from_dataset
+    from viewer.view.annotations import display_text, meta_from_dataset
 
     uid = write_ct(tmp_path / "ct", nz=3, patient="DOE^JANE^Q")
     ds = pydicom.dcmread(next((tmp_path / "ct").glob("*.dcm")))
@@ -678,7 +678,7 @@ while time.monotonic() - t < 3.0:
     time.sleep(0.01)
 w.wait_idle(30000)
 assert w.image_view.current_data() is not None, "no image shown"
-bad = sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "engine.models", "engine.analysis")))
+bad = sorted(m for m in sys.modules if m == "torch" or m.startswith(("torch.", "engine.ai.models", "engine.ai.analysis")))
 print("IMPORTED", bad)
 w.close()
 """

@@ -1,4 +1,4 @@
-"""Model registry: cards, sha256 pinning, untrained fallback (engine.models.registry)."""
+"""Model registry: cards, sha256 pinning, untrained fallback (engine.ai.models.registry)."""
 from __future__ import annotations
 
 import json
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from engine.errors import ModelError
-from engine.models import registry
-from engine.models.densenet_xray import COVID_CLASSES, XRV_PATHOLOGIES
+from engine.ai.models import registry
+from engine.ai.models.densenet_xray import COVID_CLASSES, XRV_PATHOLOGIES
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

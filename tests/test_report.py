@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import journal as jr
-from engine import report as rp
+from engine.review import journal as jr
+from engine.review import report as rp
 from engine.dicom.records import InstanceRecord, PatientRecord, SeriesRecord, StudyRecord
 from engine.results import RESEARCH_USE, Finding, Heatmap, ModelInfo, Severity, StudyResult, Validity
-from engine.safe_decode import Decoded
+from engine.dicom.safe_decode import Decoded
 
 XM = ModelInfo("xray-densenet121", "1.2.0", True, "ab" * 32, label="ChestView X-ray DenseNet-121 v1.2.0")
 CM = ModelInfo("ct-inception", "0.0.0", False, "", label="ChestView CT (untrained)")

@@ -4,9 +4,9 @@ size and how many heatmap-coloured pixels it holds, then ``--dump-dom`` returns 
 ``--screenshot`` a picture. Chromium is the Debian package, installed with apt-get when missing
 (the test skips only when that fails).
 
-The report is built the way the batch engine builds it (engine.batch): real images indexed and
+The report is built the way the batch engine builds it (engine.review.batch): real images indexed and
 decoded (pydicom's chest CR and CT slices), thumbnails with Grad-CAM-style heatmaps written by
-engine.report.write_thumbnail, rows, report.html.
+engine.review.report.write_thumbnail, rows, report.html.
 """
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import report as rp
+from engine.review import report as rp
 from engine.dicom.index import index_path
 from engine.results import Finding, Heatmap, ModelInfo, Severity, StudyResult, Validity
-from engine.safe_decode import decode_series
+from engine.dicom.safe_decode import decode_series
 from tests.orthanc_server import make_sources
 from tests.test_dciodvfy import ensure_debian_tool
 

@@ -23,8 +23,9 @@ from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit
 from pynetdicom import AE
 
-from engine.dicom import network as net
-from engine.netconfig import NetworkSettings
+from engine.interop import received
+from engine.interop.netconfig import NetworkSettings
+from engine.interop.storage_scp import StorageSCP
 from tests.orthanc_server import SECRET_ID, SECRET_NAME, make_sources
 
 pytestmark = pytest.mark.timeout(120)
@@ -70,8 +71,8 @@ def raw_file_sending(monkeypatch):
 def scp(tmp_path):
     settings = NetworkSettings(ae_title="CVSCP", port=0, bind_address="127.0.0.1", timeout_s=10,
                                allowed_calling_aets=["MODALITY"])
-    announced: list[net.StoredInstance] = []
-    server = net.StorageSCP(settings, root=tmp_path / "store", on_stored=announced.append)
+    announced: list[received.StoredInstance] = []
+    server = StorageSCP(settings, root=tmp_path / "store", on_stored=announced.append)
     server.start()
     server.announced = announced
     try:
@@ -113,10 +114,10 @@ def test_corrupt_objects_are_refused_with_failure_status(scp, ct, tmp_path, capl
     broken.mkdir()
     cases = {   # name: (file bytes, expected PS3.4 B.2.3 status)
         "truncated.dcm": (part10(ds, ExplicitVRLittleEndian, full[: len(full) - len(ds.PixelData) // 3]),
-                          net.STATUS_NOT_MATCHING),
-        "native_labelled_jpeg.dcm": (part10(ds, JPEGBaseline8Bit, full), net.STATUS_NOT_MATCHING),
+                          received.STATUS_NOT_MATCHING),
+        "native_labelled_jpeg.dcm": (part10(ds, JPEGBaseline8Bit, full), received.STATUS_NOT_MATCHING),
         "explicit_meta_implicit_body.dcm": (part10(ds, ExplicitVRLittleEndian, body_bytes(ds, implicit=True)),
-                                            net.STATUS_CANNOT_UNDERSTAND),
+                                            received.STATUS_CANNOT_UNDERSTAND),
     }
     sender = Sender(scp.port)
     with caplog.at_level(logging.DEBUG):
@@ -149,11 +150,11 @@ def test_resend_never_replaces_or_shadows_a_stored_instance(scp, ct, tmp_path):
     full = body_bytes(ds, implicit=False)
     corrupt = tmp_path / "corrupt_resend.dcm"
     corrupt.write_bytes(part10(ds, ExplicitVRLittleEndian, full[: len(full) - 9000]))
-    assert sender.store(corrupt) == net.STATUS_NOT_MATCHING
+    assert sender.store(corrupt) == received.STATUS_NOT_MATCHING
     ds.PixelData = (ds.pixel_array + 100).astype(ds.pixel_array.dtype).tobytes()
     changed = tmp_path / "valid_but_different.dcm"
     ds.save_as(changed, enforce_file_format=True)
-    assert sender.store(changed) == net.STATUS_DUPLICATE           # conflict reported, not filed
+    assert sender.store(changed) == received.STATUS_DUPLICATE      # conflict reported, not filed
     sender.release()
     assert stored.read_bytes() == original
     assert [c.path for c in scp.handler.conflicts] == [stored]
@@ -199,7 +200,7 @@ def test_checks_accept_every_real_transfer_syntax(shared_data):
     files = [p for p in sorted((shared_data / "dicom").rglob("*.dcm")) if p.read_bytes()[128:132] == b"DICM"]
     assert len(files) > 20
     for p in files:
-        net.check_file_bytes(p.read_bytes())
+        received.check_file_bytes(p.read_bytes())
 
 
 def test_checks_accept_pydicom_compressed_files():
@@ -207,4 +208,4 @@ def test_checks_accept_pydicom_compressed_files():
 
     for name in ("RG1_J2KI.dcm", "SC_rgb_jpeg_dcmtk.dcm", "MR_small_RLE.dcm", "JPEG-lossy.dcm",
                  "MR_small_bigendian.dcm", "image_dfl.dcm", "emri_small_jpeg_2k_lossless.dcm"):
-        net.check_file_bytes(Path(get_testdata_file(name)).read_bytes())
+        received.check_file_bytes(Path(get_testdata_file(name)).read_bytes())

@@ -1,10 +1,10 @@
-"""``main.py selftest`` on the demo study set (engine.selftest)."""
+"""``main.py selftest`` on the demo study set (engine.demo.selftest)."""
 from __future__ import annotations
 
 import pytest
 
-from engine import selftest
-from engine.models import registry
+from engine.demo import selftest
+from engine.ai.models import registry
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

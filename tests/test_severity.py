@@ -1,10 +1,10 @@
-"""Cohen et al. 2020 severity constants and clamping (engine.severity)."""
+"""Cohen et al. 2020 severity constants and clamping (engine.ai.severity)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine import severity as sv
+from engine.ai import severity as sv
 
 
 def test_published_constants_exact():

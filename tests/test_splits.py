@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.datasets import read_csv_rows
-from engine.splits import SplitLeakError, check_no_patient_leak, grouped_splits, leaked_patients, patients_by_split
+from engine.training.datasets import read_csv_rows
+from engine.training.splits import SplitLeakError, check_no_patient_leak, grouped_splits, leaked_patients, patients_by_split
 
 
 def test_checker_catches_a_leak_and_does_not_name_the_patient():

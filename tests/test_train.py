@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from engine import metrics as M
-from engine.train import TrainConfig, augment_batch, fit, lr_at
+from engine.training.train import TrainConfig, augment_batch, fit, lr_at
 
 
 def _blob_images(n: int, seed: int):
@@ -136,9 +136,9 @@ def _tiny_ct_data(src, dst, n_train: int, n_val: int):
 
 def test_train_then_evaluate_writes_a_loadable_card(shared_data, tmp_path, monkeypatch):
     """CLI end to end on 20 real CT slices (one short epoch): run folder -> evaluate --write-card."""
-    from engine.evaluate import cli_main as eval_main
-    from engine.models import registry
-    from engine.train import cli_main as train_main
+    from engine.training.evaluate import cli_main as eval_main
+    from engine.ai.models import registry
+    from engine.training.train import cli_main as train_main
 
     monkeypatch.setenv("CHESTVIEW_CACHE", str(tmp_path / "cache"))
     data = tmp_path / "ct"
@@ -174,9 +174,9 @@ def test_train_then_evaluate_writes_a_loadable_card(shared_data, tmp_path, monke
 
 def test_severity_calibration_folds_into_the_lung_opacity_row():
     """The calibrated logit, fed to the app's unchanged Cohen formula, reproduces the expert extent."""
-    from engine.evaluate import _fold_affine, severity_calibration
-    from engine.models.densenet_xray import LUNG_OPACITY_INDEX, XRayDenseNet
-    from engine.severity import geographic_extent_linear
+    from engine.training.eval_severity import fold_affine, severity_calibration
+    from engine.ai.models.densenet_xray import LUNG_OPACITY_INDEX, XRayDenseNet
+    from engine.ai.severity import geographic_extent_linear
 
     rs = np.random.RandomState(0)
     z = rs.normal(0, 2, 30)
@@ -192,7 +192,7 @@ def test_severity_calibration_folds_into_the_lung_opacity_row():
     m = XRayDenseNet().eval()
     pooled = torch.rand(2, 1024)
     before = m.classifier(pooled)
-    _fold_affine(m, LUNG_OPACITY_INDEX, cal["scale"], cal["shift"])
+    fold_affine(m, LUNG_OPACITY_INDEX, cal["scale"], cal["shift"])
     after = m.classifier(pooled)
     j = LUNG_OPACITY_INDEX
     assert torch.allclose(after[:, j], cal["scale"] * before[:, j] + cal["shift"], atol=1e-4)

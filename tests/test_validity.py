@@ -1,12 +1,12 @@
-"""Validity gate: header checks, pixel sanity, OOD score (engine.validity, engine.models.ood)."""
+"""Validity gate: header checks, pixel sanity, OOD score (engine.ai.validity, engine.ai.models.ood)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from engine.models.ood import fit_ood, has_ood, ood_score, pooled_features
-from engine.validity import GateBuilder, header_checks, ood_check, pixel_checks_2d, volume_checks
+from engine.ai.models.ood import fit_ood, has_ood, ood_score, pooled_features
+from engine.ai.validity import GateBuilder, header_checks, ood_check, pixel_checks_2d, volume_checks
 
 
 def _gate(**kw) -> GateBuilder:

@@ -70,7 +70,8 @@ def _drag(vp, p1: QPoint, p2: QPoint, button=Qt.MouseButton.LeftButton, steps=6)
 
 
 def test_demo_opens_with_cr_displayed_through_the_voi_pipeline(win, qtbot, artifacts_dir):
-    from engine.dicom.pixels import load_frame, render_display
+    from engine.dicom.display import render_display
+    from engine.dicom.pixels import load_frame
 
     assert win.index.patients and len(win.index.all_series()) >= 3
     cr = _series(win, "xray", "uncompressed")
@@ -197,7 +198,7 @@ def test_measurements_in_mm_on_ct(win, qtbot, artifacts_dir):
     a = iv.measurements.add_angle((300.0, 150.0), (200.0, 150.0), (200.0, 60.0))
     assert a.value == pytest.approx(90.0)
     # ellipse ROI in the phantom: statistics equal numpy on the same mask, area in mm2
-    from viewer.measurements import ellipse_mask
+    from viewer.view.measurements import ellipse_mask
 
     win.set_tool("ellipse")
     _drag(vp, c + QPoint(-40, 40), c + QPoint(40, 100))
@@ -223,7 +224,7 @@ def test_measurements_in_mm_on_ct(win, qtbot, artifacts_dir):
 
 
 def test_mpr_linked_crosshair_and_slab_mip(win, qtbot, artifacts_dir):
-    from viewer.mpr_view import plane_image
+    from viewer.view.mpr_view import plane_image
 
     _open_ct(win, qtbot)
     assert win.act_mpr.isEnabled()
@@ -237,7 +238,7 @@ def test_mpr_linked_crosshair_and_slab_mip(win, qtbot, artifacts_dir):
     nz, ny, nx = vol.hu.shape
     assert mpr.position[0] == 70
     assert mpr.panes["axial"].image_item.image.shape == (ny, nx)
-    # reformats are interpolated along z to the in-plane spacing (viewer.mpr_view.resample_rows)
+    # reformats are interpolated along z to the in-plane spacing (viewer.view.mpr_view.resample_rows)
     rows = round(nz * vol.spacing[0] / vol.spacing[2]) if vol.spacing[0] > vol.spacing[2] * 1.01 else nz
     assert mpr.panes["coronal"].image_item.image.shape == (rows, nx)
     assert mpr.panes["sagittal"].image_item.image.shape[1] == ny
@@ -337,15 +338,15 @@ def test_optional_menus_and_shortcut_list(win, monkeypatch):
     real = importlib.import_module
 
     def fake(name, *a, **k):
-        if name in ("viewer.worklist", "viewer.pacs_dialog"):
+        if name in ("viewer.browse.worklist", "viewer.pacs.pacs_dialog"):
             raise ImportError(f"No module named {name!r}")
         return real(name, *a, **k)
 
     monkeypatch.setattr(importlib, "import_module", fake)
     win.open_worklist()
-    assert "viewer.worklist.open_worklist" in win.last_message
+    assert "viewer.browse.worklist.open_worklist" in win.last_message
     win.open_network_settings()
-    assert "viewer.pacs_dialog.open_network_settings" in win.last_message
+    assert "viewer.pacs.pacs_dialog.open_network_settings" in win.last_message
 
 
 def test_findings_dock_and_ai_hook(win):
@@ -354,7 +355,7 @@ def test_findings_dock_and_ai_hook(win):
     assert isinstance(win.findings_dock, QDockWidget)
     assert win.dockWidgetArea(win.findings_dock) == Qt.DockWidgetArea.RightDockWidgetArea
     try:
-        import viewer.ai_controller  # noqa: F401
+        import viewer.ai.ai_controller  # noqa: F401
     except ImportError:
         assert win.ai is None
     else:
@@ -424,7 +425,7 @@ def test_cine_drag_and_drop_recent_and_remembered_layout(win, qtbot, demo_dir, t
     assert win.settings.recent_paths()[0] == str(folder)
     assert [a.text() for a in win.recent_menu.actions()][0] == str(folder)
     # a new window with the same settings comes back in MPR for CT; opening a study hangs an
-    # axial chest CT in lung window (engine.hanging), whatever window was used last
+    # axial chest CT in lung window (engine.reading.hanging), whatever window was used last
     win.settings.set_layout_mode("mpr")
     win.settings.set_last_window("CT", 40, 400)
     w2 = MainWindow(win.settings)

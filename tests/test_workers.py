@@ -1,4 +1,4 @@
-"""viewer.workers: real engine analyses off the GUI thread; progress, cancel, supersede, errors."""
+"""viewer.ai.workers: real engine analyses off the GUI thread; progress, cancel, supersede, errors."""
 from __future__ import annotations
 
 import threading
@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("pytestqt")
 
 from engine.errors import AnalysisCancelled  # noqa: E402
-from viewer.workers import AnalysisRunner, ModelInfoLoader, _default_analyze  # noqa: E402
+from viewer.ai.workers import AnalysisRunner, ModelInfoLoader, _default_analyze  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,7 @@ def test_newer_request_supersedes_older(qtbot, demo_series):
 
 
 def test_exception_becomes_error_message(qtbot):
-    from engine.models.registry import load_model
+    from engine.ai.models.registry import load_model
 
     def broken(series, progress, cancel):
         return load_model("no-such-model")        # a real ModelError from the registry

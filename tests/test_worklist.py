@@ -12,7 +12,7 @@ pytest.importorskip("PySide6")
 from PySide6.QtCore import Qt  # noqa: E402
 
 from engine.dicom.records import InstanceRecord, PatientRecord, SeriesRecord, StudyRecord  # noqa: E402
-from engine.report import build_row  # noqa: E402
+from engine.review.report import build_row  # noqa: E402
 from engine.results import Finding, ModelInfo, Severity, StudyResult, Validity  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -37,7 +37,7 @@ def _order(dlg) -> list[str]:
 
 
 def test_table_sorts_by_score_severity_and_validity(qtbot):
-    from viewer.worklist import COL_SCORE, COL_SEVERITY, COL_VALIDITY, WorklistDialog
+    from viewer.browse.worklist import COL_SCORE, COL_SEVERITY, COL_VALIDITY, WorklistDialog
 
     dlg = WorklistDialog(None)
     qtbot.addWidget(dlg)
@@ -78,7 +78,7 @@ def test_worklist_reviews_a_folder_and_double_click_opens_the_series(qtbot, demo
 
 
 def _review_and_open(qtbot, win, inp, monkeypatch, tmp_path, artifacts_dir) -> None:
-    from viewer.worklist import COL_VALIDITY, WorklistDialog, open_worklist
+    from viewer.browse.worklist import COL_VALIDITY, WorklistDialog, open_worklist
 
     dlg = open_worklist(win)
     assert isinstance(dlg, WorklistDialog) and open_worklist(win) is dlg     # one dialog per window
@@ -114,7 +114,7 @@ def _review_and_open(qtbot, win, inp, monkeypatch, tmp_path, artifacts_dir) -> N
 
 
 def test_cancel_stops_the_review(qtbot, demo_dir, tmp_path):
-    from viewer.worklist import WorklistDialog
+    from viewer.browse.worklist import WorklistDialog
 
     inp = _xray_folder(demo_dir, tmp_path / "in", 2)
     dlg = WorklistDialog(None)

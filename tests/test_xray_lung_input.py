@@ -1,5 +1,5 @@
-"""Lung-only X-ray input (engine.preprocess.xray_lung_input), zone severity (engine.severity_zones),
-severity cross-validation and local validation (engine.local_validation)."""
+"""Lung-only X-ray input (engine.ai.preprocess.xray_lung_input), zone severity (engine.ai.severity_zones),
+severity cross-validation and local validation (engine.training.local_validation)."""
 from __future__ import annotations
 
 import csv
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.preprocess import xray_lung_input as LI
+from engine.ai.preprocess import xray_lung_input as LI
 
 
 def _phantom_cxr(rows: int = 300, cols: int = 260, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -53,9 +53,10 @@ def test_same_pixels_same_input_from_jpeg_and_dicom(tmp_path: Path):
     viewer's pixel pipeline give the identical model input."""
     from PIL import Image
 
-    from engine.datasets import load_gray01
-    from engine.dicom.pixels import display_gray01, load_frame
-    from engine.local_validation import _image_to_dicom
+    from engine.training.datasets import load_gray01
+    from engine.dicom.display import display_gray01
+    from engine.dicom.pixels import load_frame
+    from engine.training.local_validation import _image_to_dicom
 
     img, mask = _phantom_cxr()
     png = tmp_path / "x.png"
@@ -86,7 +87,7 @@ def test_heatmap_is_restricted_to_the_lungs_with_smooth_edges():
 
 
 def test_zone_features_and_ridge_roundtrip():
-    from engine import severity_zones as SZ
+    from engine.ai import severity_zones as SZ
 
     rng = np.random.default_rng(0)
     zones = np.zeros((LI.RAW_SIDE, LI.RAW_SIDE), np.uint8)
@@ -113,7 +114,7 @@ def test_zone_features_and_ridge_roundtrip():
 @pytest.mark.parametrize("signal", [True, False])
 def test_severity_cv_enables_only_what_beats_a_constant(signal: bool):
     """The enable rule: a scorer with signal is switched on, one without is not."""
-    from engine.evaluate_xray_lung import severity_cv
+    from engine.training.evaluate_xray_lung import severity_cv
 
     rng = np.random.default_rng(1)
     n_b, n_c = 90, 60
@@ -140,7 +141,7 @@ def test_local_validation_lists_bad_rows_and_writes_reports(tmp_path: Path):
     unknown label: nothing is fatal, every row is accounted for."""
     from PIL import Image
 
-    from engine.local_validation import run_rows, summarise, write_outputs
+    from engine.training.local_validation import run_rows, summarise, write_outputs
 
     img, _ = _phantom_cxr()
     for k in range(3):
@@ -169,7 +170,7 @@ def test_local_validation_lists_bad_rows_and_writes_reports(tmp_path: Path):
 @pytest.mark.shared_data
 def test_local_validation_on_real_jpegs_and_dicom(shared_data: Path, tmp_path: Path):
     """Real NIH JPEGs and the real DICOM CRs of ../shared/data go through the app pipeline."""
-    from engine.local_validation import run_rows, summarise
+    from engine.training.local_validation import run_rows, summarise
 
     rows = list(csv.DictReader(open(shared_data / "xray" / "labels.csv")))
     nih = [r for r in rows if r["source"] == "nih_cxr8_talo" and r["split"] == "test"]

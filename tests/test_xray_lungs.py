@@ -1,4 +1,4 @@
-"""Chest X-ray lung segmentation (engine.preprocess.xray_lungs): preprocessing, mapping back to the
+"""Chest X-ray lung segmentation (engine.ai.preprocess.xray_lungs): preprocessing, mapping back to the
 image, per-lung measurements, Brixia-thirds zones, registry loading; on real radiographs when
 ../shared/data is present."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from engine.preprocess.xray_lungs import (LEFT, RIGHT, SEG_MODEL, SEG_SIZE, assemble_lungs, letterbox,
+from engine.ai.preprocess.xray_lungs import (LEFT, RIGHT, SEG_MODEL, SEG_SIZE, assemble_lungs, letterbox,
                                           lungs_from_labels, lungs_from_probabilities, normalise_intensity,
                                           seg_input, split_lr_labels)
 
@@ -116,9 +116,9 @@ def test_clean_up_drops_specks_and_counts_pieces():
 
 def test_registry_refuses_tampered_lung_model(tmp_path, monkeypatch):
     from engine.errors import ModelError
-    from engine.models import registry
+    from engine.ai.models import registry
     from engine.paths import REPO_ROOT
-    from engine.preprocess.xray_lungs import load_lungseg
+    from engine.ai.preprocess.xray_lungs import load_lungseg
 
     found = registry.find_card(SEG_MODEL, directory=REPO_ROOT / "resources" / "models")
     assert found is not None, "the lung model card must ship in resources/models"
@@ -149,7 +149,7 @@ def test_registry_refuses_tampered_lung_model(tmp_path, monkeypatch):
 
 def test_training_augmentation_moves_image_and_labels_together():
     """Geometric augmentation must keep pixels and labels aligned; intensity steps never invert."""
-    from engine.train_lungseg import IGNORE, augment
+    from engine.training.train_lungseg import IGNORE, augment
 
     n = SEG_SIZE
     lab = np.zeros((n, n), np.uint8)
@@ -172,15 +172,15 @@ def test_training_augmentation_moves_image_and_labels_together():
 # ---------------------------------------------------------------- real radiographs
 
 def _mask_rows(shared_data, split):
-    from engine.train_lungseg import read_mask_rows
+    from engine.training.train_lungseg import read_mask_rows
 
     return [r for r in read_mask_rows(shared_data) if r["split"] == split]
 
 
 def test_segments_held_out_ieee8023_images(shared_data):
     """A few test-split images with reference masks: both lungs found where the annotators drew them."""
-    from engine.preprocess.xray_lungs import segment_lungs_xray
-    from engine.train_lungseg import dice_scores, load_pair
+    from engine.ai.preprocess.xray_lungs import segment_lungs_xray
+    from engine.training.train_lungseg import dice_scores, load_pair
 
     rows = _mask_rows(shared_data, "test")[::15][:5]
     scores = []
@@ -195,9 +195,10 @@ def test_segments_held_out_ieee8023_images(shared_data):
 
 def test_segments_nih_and_dicom_radiographs(shared_data):
     """No masks exist for these sources: two lungs, right lung on the image's left, above the bottom."""
-    from engine.dicom.pixels import display_gray01, load_frame
-    from engine.datasets import load_gray01
-    from engine.preprocess.xray_lungs import segment_lungs_xray
+    from engine.dicom.display import display_gray01
+    from engine.dicom.pixels import load_frame
+    from engine.training.datasets import load_gray01
+    from engine.ai.preprocess.xray_lungs import segment_lungs_xray
 
     nih = sorted((shared_data / "xray" / "images" / "nih_cxr8_talo").glob("*"))[:2]
     grays = [load_gray01(p) for p in nih]
@@ -212,7 +213,7 @@ def test_segments_nih_and_dicom_radiographs(shared_data):
 
 def test_card_dice_matches_its_own_file(shared_data):
     """The card's numbers belong to the shipped weights: same sha256 as the file."""
-    from engine.models.registry import find_card, sha256_file
+    from engine.ai.models.registry import find_card, sha256_file
     from engine.paths import REPO_ROOT
 
     card_path, card = find_card(SEG_MODEL, directory=REPO_ROOT / "resources" / "models")
@@ -227,7 +228,7 @@ def test_card_dice_matches_its_own_file(shared_data):
 # ---------------------------------------------------------------- lung-restricted heatmaps
 
 def test_restrict_to_lungs_has_soft_edges():
-    from engine.explain.gradcam import restrict_to_lungs, soft_lung_window
+    from engine.ai.explain.gradcam import restrict_to_lungs, soft_lung_window
 
     lab = _two_lungs((300, 500))
     heat = np.ones((300, 500), np.float32)
@@ -248,13 +249,14 @@ def test_xray_heatmaps_stay_in_the_lungs_and_negatives_are_hidden(tmp_path, monk
     """Analysis path: Grad-CAM faded out beyond the lungs; only positive findings' maps shown by default."""
     import torch
 
-    from engine.analysis import Analyzer
-    from engine.dicom.pixels import display_gray01, load_frame
+    from engine.ai.analysis import Analyzer
+    from engine.dicom.display import display_gray01
+    from engine.dicom.pixels import load_frame
     from engine.dicom.records import InstanceRecord, SeriesRecord
-    from engine.models import registry
-    from engine.models.densenet_xray import COVID_CLASSES, XRV_PATHOLOGIES
+    from engine.ai.models import registry
+    from engine.ai.models.densenet_xray import COVID_CLASSES, XRV_PATHOLOGIES
     from engine.paths import REPO_ROOT
-    from engine.preprocess.xray_lungs import segment_lungs_xray
+    from engine.ai.preprocess.xray_lungs import segment_lungs_xray
 
     d = tmp_path / "models"
     xstate = registry._untrained_module(registry.default_card(registry.XRAY_MODEL)).state_dict()
@@ -291,7 +293,7 @@ def test_xray_heatmaps_stay_in_the_lungs_and_negatives_are_hidden(tmp_path, monk
 
 def test_findings_panel_shows_hidden_heatmaps_only_when_asked(qtbot):
     from engine.results import Finding, Heatmap, ModelInfo, StudyResult, Validity
-    from viewer.findings_panel import FindingsPanel
+    from viewer.ai.findings_panel import FindingsPanel
 
     m = ModelInfo("xray-densenet121", "1.0.0", True, "0" * 64)
     blob = np.zeros((64, 64), np.float32)

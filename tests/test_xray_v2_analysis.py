@@ -1,4 +1,4 @@
-"""The shipped lung-input X-ray model end to end through engine.analysis (the viewer's and batch's call):
+"""The shipped lung-input X-ray model end to end through engine.ai.analysis (the viewer's and batch's call):
 the demo CR, severity zones, heatmaps inside the lungs, and the card's honesty fields."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.models.registry import XRAY_MODEL, find_card
+from engine.ai.models.registry import XRAY_MODEL, find_card
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -21,7 +21,7 @@ def _card() -> dict:
 
 def test_card_is_lung_input_with_honest_metrics():
     card = _card()
-    assert card["preprocessing"]["function"] == "engine.preprocess.xray_lung_input.lung_model_input"
+    assert card["preprocessing"]["function"] == "engine.ai.preprocess.xray_lung_input.lung_model_input"
     m = card["metrics"]
     # acceptance is reported where the archive cannot help, next to pooled numbers
     for key in ("within_nih_test_pneumonia_vs_normal", "within_ieee8023_test_covid_vs_other_pneumonia",
@@ -48,7 +48,7 @@ def _series(demo_dir: Path, patient: str):
 
 
 def test_demo_cr_passes_the_gate_and_reports_only_supported_findings(demo_dir: Path):
-    from engine.analysis import default_analyzer
+    from engine.ai.analysis import default_analyzer
 
     card = _card()
     res = default_analyzer().analyze(_series(demo_dir, "DEMO-CR-001"))
@@ -71,7 +71,7 @@ def test_demo_cr_passes_the_gate_and_reports_only_supported_findings(demo_dir: P
 @pytest.mark.shared_data
 def test_positive_radiograph_gets_zone_severity(shared_data: Path):
     """A real chest CR the model calls positive for lung opacity gets the six zone scores."""
-    from engine.analysis import default_analyzer
+    from engine.ai.analysis import default_analyzer
     from engine.dicom.index import index_path
 
     card = _card()
@@ -95,7 +95,7 @@ def test_positive_radiograph_gets_zone_severity(shared_data: Path):
 
 
 def test_tibia_gets_no_scores(demo_dir: Path):
-    from engine.analysis import default_analyzer
+    from engine.ai.analysis import default_analyzer
 
     res = default_analyzer().analyze(_series(demo_dir, "DEMO-CR-002"))
     assert not res.validity.passed

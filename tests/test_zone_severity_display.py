@@ -1,7 +1,7 @@
 """Brixia zone severity where it is read: the findings panel's zone table, the zone grid on the image
 (toggle, key, rotation and flips), the batch report's columns and grid, and the SR's zone groups.
 
-The Severity objects are built here as engine.severity_zones returns them (method "zone-ridge",
+The Severity objects are built here as engine.ai.severity_zones returns them (method "zone-ridge",
 six zone scores, their sum, zone boxes in displayed-image pixels), so the display is tested
 independently of the scorer's training; the image is the real demo CR.
 """
@@ -26,7 +26,7 @@ ZS = {"A": 0.4, "B": 1.26, "C": 2.04, "D": 0.0, "E": 1.55, "F": 2.91}
 
 
 def zone_boxes(rows: int, cols: int) -> dict[str, tuple[int, int, int, int]]:
-    """Thirds of two lung boxes: patient right on the image's left (PA), as engine.analysis sets them."""
+    """Thirds of two lung boxes: patient right on the image's left (PA), as engine.ai.analysis sets them."""
     out = {}
     top, bottom = int(rows * 0.18), int(rows * 0.78)
     h = (bottom - top) / 3
@@ -56,7 +56,7 @@ def zone_result(study_uid: str, series_uid: str, shape=(2000, 1600), passed: boo
 
 # ------------------------------------------------------------------------------ findings panel
 def test_panel_shows_six_zones_and_global(qtbot):
-    from viewer.findings_panel import FindingsPanel
+    from viewer.ai.findings_panel import FindingsPanel
 
     p = FindingsPanel()
     qtbot.addWidget(p)
@@ -196,7 +196,7 @@ def _records():
 
 
 def test_report_carries_zone_columns(tmp_path):
-    from engine import report as rp
+    from engine.review import report as rp
 
     pt, st, se = _records()
     row = rp.build_row(pt, st, se, zone_result(se.study_uid, se.series_uid, (400, 300)))
@@ -246,7 +246,7 @@ def _ident(group) -> str:
 def test_sr_has_six_zone_groups_and_global(tmp_path):
     from pydicom.data import get_testdata_file
 
-    from engine.dicom import export as ex
+    from engine.interop import export as ex
 
     src = Path(get_testdata_file("RG1_UNCR.dcm"))
     ds = pydicom.dcmread(src, stop_before_pixels=True)

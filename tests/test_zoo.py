@@ -1,4 +1,4 @@
-"""Model zoo (issue 11): every architecture builds, runs forward/backward, learns a tiny task;
+"""Model zoo: every architecture builds, runs forward/backward, learns a tiny task;
 DeLong's test agrees with brute-force AUCs and detects a real difference."""
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.zoo.architectures import ZOO, DeTraC, count_flops, count_parameters
-from engine.zoo.significance import bootstrap_auc_difference, delong_covariance, delong_test
+from engine.training.zoo.architectures import ZOO, DeTraC, count_flops, count_parameters
+from engine.training.zoo.significance import bootstrap_auc_difference, delong_covariance, delong_test
 
 
 def _brute_auc(y: np.ndarray, s: np.ndarray) -> float:

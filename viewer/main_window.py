@@ -1,7 +1,7 @@
 """ChestView main window: study browser | image view (stack or MPR) | findings dock, menus,
 shortcuts, drag and drop, recent studies, remembered layout and W/L.
 
-Interface for the other viewer modules (documented here, used by viewer/ai_controller.py): ``open_path(path)``,
+Interface for the other viewer modules (documented here, used by viewer/ai/ai_controller.py): ``open_path(path)``,
 ``select_series(series_uid)``, signal ``series_opened(SeriesRecord)`` (emitted after the series is
 displayed), ``image_view`` (``view_box``, ``image_item``, ``slice_changed``, ``current_slice()``,
 ``set_slice(i)``, ``current_frame_shape()``), ``current_series``, ``index`` and the right dock
@@ -23,17 +23,18 @@ from PySide6.QtWidgets import (QDialog, QDialogButtonBox, QDockWidget, QFileDial
 
 from engine.dicom.records import IndexResult, SeriesRecord
 from engine.results import RESEARCH_USE
-from viewer.annotations import SeriesMeta, meta_from_dataset
-from viewer.image_view import FrameSource, ImageView, NavigationKeys, VolumeSource
-from viewer.layouts import HangingController, ViewportGrid
-from viewer.mpr_view import MPRView
+from viewer.view.annotations import SeriesMeta, meta_from_dataset
+from viewer.view.image_view import FrameSource, ImageView, NavigationKeys, VolumeSource
+from viewer.view.layouts import HangingController, ViewportGrid
+from viewer.view.mpr_view import MPRView
+from viewer.view.stack_order import series_items
 from viewer.qt_workers import TaskRunner
 from viewer.settings_store import SettingsStore
-from viewer.study_browser import StudyBrowser
+from viewer.browse.study_browser import StudyBrowser
 from viewer.style import ICON_DIR
-from viewer.tag_browser import TagBrowser
-from viewer.thumbnails import ThumbnailLoader
-from viewer.workers import install_gui_wait_hook, warm_up_decoder
+from viewer.browse.tag_browser import TagBrowser
+from viewer.browse.thumbnails import ThumbnailLoader
+from viewer.ai.workers import install_gui_wait_hook, warm_up_decoder
 
 log = logging.getLogger(__name__)
 
@@ -54,28 +55,6 @@ MOUSE_HELP = [
 def _icon(name: str) -> QIcon:
     p = ICON_DIR / f"{name}.svg"
     return QIcon(str(p)) if p.exists() else QIcon()
-
-
-def _series_items(series: SeriesRecord) -> tuple[list[tuple[str, int, float | None]], int]:
-    """(path, frame, position) per image, sorted like engine.dicom.volume (position along the normal,
-    ascending) when geometry is present; plus the reading step (-1 = head first for axial CT)."""
-    import numpy as np
-
-    insts = list(series.instances)
-    if len(insts) == 1 and insts[0].frames > 1:
-        return [(insts[0].path, f, None) for f in range(insts[0].frames)], 1
-    items: list[tuple[str, int, float | None]] = []
-    normal = None
-    iop = next((i.image_orientation for i in insts if i.image_orientation), None)
-    if iop is not None and len(iop) == 6:
-        normal = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
-    if normal is not None and all(i.image_position for i in insts):
-        pos = [float(np.dot(np.asarray(i.image_position, float), normal)) for i in insts]
-        order = sorted(range(len(insts)), key=lambda k: pos[k])
-        items = [(insts[k].path, 0, pos[k]) for k in order]
-        step = -1 if (series.kind == "ct" and normal[2] > 0.5) else 1
-        return items, step
-    return [(i.path, 0, i.slice_location) for i in insts], 1
 
 
 class MainWindow(QMainWindow):
@@ -166,11 +145,11 @@ class MainWindow(QMainWindow):
         self._nav_keys = NavigationKeys(self, self._navigation_target)
 
         try:
-            from viewer.ai_controller import AIController
+            from viewer.ai.ai_controller import AIController
             self.ai = AIController(self)
-            from viewer.ct_quant_overlay import CTQuantOverlay   # CT opacity map on the stack and MPR views
+            from viewer.ai.ct_quant_overlay import CTQuantOverlay   # CT opacity map on the stack and MPR views
             self.ct_quant_overlay = CTQuantOverlay(self.image_view, self.mpr_view, self.ai.panel, parent=self)
-            from viewer.zone_overlay import install_zone_grid   # X-ray Brixia zone grid, key Z
+            from viewer.ai.zone_overlay import install_zone_grid   # X-ray Brixia zone grid, key Z
             self.zone_grid = install_zone_grid(self, self.ai.panel)
         except ImportError:
             self.ai = None
@@ -178,7 +157,7 @@ class MainWindow(QMainWindow):
             log.warning("AI panel disabled: %s", exc)
             self.ai = None
             self.show_message("AI panel disabled", f"The AI panel could not start: {exc}")
-        from viewer.trend_panel import TrendController   # the patient's AI results over time
+        from viewer.ai.trend_panel import TrendController   # the patient's AI results over time
         self.trend = TrendController(self) if self.ai is not None else None
 
     # ---------------------------------------------------------------------------------------
@@ -215,7 +194,7 @@ class MainWindow(QMainWindow):
         self.act_open = A("&Open folder…", self.open_folder_dialog, "Ctrl+O", "open")
         self.act_open_file = A("Open &DICOMDIR / ZIP / file…", self.open_file_dialog, "Ctrl+Shift+O", "open-file")
         self.act_qr = A("&Query/Retrieve…", self.open_query_retrieve, "Ctrl+Shift+Q", "pacs")
-        # enabled by viewer.ai_controller (update_export_state) when the displayed series has a result
+        # enabled by viewer.ai.ai_controller (update_export_state) when the displayed series has a result
         self.act_export_ai = A("&Export AI results…",
                                lambda: getattr(self, "ai", None) and self.ai.open_export_dialog(),
                                tip="Export the AI result of the displayed series as DICOM to a folder or PACS")
@@ -281,9 +260,9 @@ class MainWindow(QMainWindow):
             self.fps_group.addAction(a)
             self.fps_actions[fps] = a
         self.set_fps(self.settings.cine_fps())
-        # optional modules (viewer/worklist.py, viewer/pacs_dialog.py): their actions are disabled when absent
-        for act, mod in ((self.act_batch, "viewer.worklist"), (self.act_qr, "viewer.pacs_dialog"),
-                         (self.act_network, "viewer.pacs_dialog")):
+        # optional modules (viewer/browse/worklist.py, viewer/pacs/pacs_dialog.py): their actions are disabled when absent
+        for act, mod in ((self.act_batch, "viewer.browse.worklist"), (self.act_qr, "viewer.pacs.pacs_dialog"),
+                         (self.act_network, "viewer.pacs.pacs_dialog")):
             try:
                 ok = importlib.util.find_spec(mod) is not None
             except (ImportError, ValueError):
@@ -433,7 +412,7 @@ class MainWindow(QMainWindow):
             self.show_message("Nothing to show", f"No readable DICOM series in {Path(path).name}: {reason}")
             return
         if select:
-            # the chest hanging (engine.hanging): frontal radiograph / axial CT first, prior beside it
+            # the chest hanging (engine.reading.hanging): frontal radiograph / axial CT first, prior beside it
             self.hanging.hang(result)
 
     def _merge_index(self, new: IndexResult) -> None:
@@ -502,7 +481,7 @@ class MainWindow(QMainWindow):
         except Exception as exc:  # noqa: BLE001 - annotations are optional, the image is not
             log.info("header unreadable for the annotations: %s", getattr(exc, "reason", exc))
         self.current_meta = meta
-        items, step = _series_items(series)
+        items, step = series_items(series)
         geo = {i.path: (i.image_position, i.image_orientation) for i in series.instances}
         source = FrameSource(items, reading_step=step, geometry=[geo.get(p, (None, None)) for p, _, _ in items])
         start = len(items) - 1 if step < 0 else 0
@@ -529,7 +508,7 @@ class MainWindow(QMainWindow):
         if error is not None:
             self.statusBar().showMessage(f"Some images could not be read: {getattr(error, 'reason', error)}", 15000)
         # each series opens at its own default window (or the one chosen on it earlier): a preset
-        # pressed on one patient never carries over to the next (viewer.image_view.set_stack)
+        # pressed on one patient never carries over to the next (viewer.view.image_view.set_stack)
         self.image_view.set_stack(source, meta, index=start)
         self.image_view.setFocus()
         self.setWindowTitle(f"ChestView — {meta.patient_name or series.patient_id} — "
@@ -708,13 +687,13 @@ class MainWindow(QMainWindow):
         fn(self)
 
     def open_worklist(self) -> None:
-        self._call_optional("viewer.worklist", "open_worklist")
+        self._call_optional("viewer.browse.worklist", "open_worklist")
 
     def open_query_retrieve(self) -> None:
-        self._call_optional("viewer.pacs_dialog", "open_query_retrieve")
+        self._call_optional("viewer.pacs.pacs_dialog", "open_query_retrieve")
 
     def open_network_settings(self) -> None:
-        self._call_optional("viewer.pacs_dialog", "open_network_settings")
+        self._call_optional("viewer.pacs.pacs_dialog", "open_network_settings")
 
     # ---------------------------------------------------------------------------------------
     # dialogs and messages

@@ -1,7 +1,7 @@
 """A small generic QThreadPool runner: run a callable off the GUI thread, get result/error/progress
 back as queued signals on the GUI thread (used for indexing, thumbnails and volume loading).
 
-The AI analysis has its own runner (viewer/workers.py); this one stays generic.
+The AI analysis has its own runner (viewer/ai/workers.py); this one stays generic.
 """
 from __future__ import annotations
 
@@ -72,9 +72,7 @@ class TaskRunner(QObject):
 
     def __init__(self, parent: QObject | None = None, max_threads: int | None = None):
         super().__init__(parent)
-        self.pool = QThreadPool(self)
-        if max_threads:
-            self.pool.setMaxThreadCount(max_threads)
+        self.pool = owned_pool(self, max_threads)
         self._live: set[FunctionWorker] = set()
 
     def submit(self, fn: Callable[..., Any], *args, on_result: Callable[[Any], None] | None = None,
@@ -105,41 +103,77 @@ class TaskRunner(QObject):
         return self.pool.waitForDone(msecs)
 
 
-# Pools whose tasks were still running when their owner closed: kept alive here (unparented) so
-# that no C++ QThreadPool destructor runs with the GIL held while a task still needs it.
-_PARKED_POOLS: list[QThreadPool] = []
+# Every worker pool of the viewer, unparented: (weak reference to its owner, pool). A pool is released
+# only once its owner is gone and no task of it runs, so no QThreadPool destructor ever waits.
+_OWNED_POOLS: list[tuple[Any, QThreadPool]] = []
 
 
-def drain_pools(owner: QObject, msecs: int = 10000) -> int:
-    """Stop every QThreadPool under ``owner`` before it is destroyed; returns how many were parked.
+def _owner_alive(ref: Any) -> bool:
+    import shiboken6
 
-    Qt's ``QThreadPool::~QThreadPool`` waits for running tasks in the deleting thread. Deleted from
-    Python that thread holds the GIL, so a task that still needs the GIL (a decode waiting for its
-    child process, a Python callback) never finishes: the deletion hangs forever. Queued tasks are
-    dropped, running ones get ``msecs`` in all (``waitForDone`` releases the GIL); any still running
-    then is detached from ``owner`` and parked until it is idle, so closing never blocks."""
+    obj = ref()
+    return obj is not None and shiboken6.isValid(obj)
+
+
+def _release_idle_orphans() -> None:
+    keep = []
+    for ref, pool in _OWNED_POOLS:
+        if _owner_alive(ref):
+            keep.append((ref, pool))
+            continue
+        pool.clear()                                   # an orphan starts nothing new
+        if pool.activeThreadCount() > 0:
+            keep.append((ref, pool))
+    _OWNED_POOLS[:] = keep
+
+
+def owned_pool(owner: QObject, max_threads: int | None = None) -> QThreadPool:
+    """A QThreadPool for ``owner``'s background work that is never deleted together with ``owner``.
+
+    Qt's ``QThreadPool::~QThreadPool`` waits for running tasks in the deleting thread. A pool parented
+    to a widget is deleted with it, from the GUI thread holding the GIL (a deferred delete runs inside
+    any event processing, e.g. ``QTest.qWaitForWindowExposed``); a task that still needs the GIL, even
+    just to enter its Python ``run``, then never finishes and the GUI thread hangs forever. This pool
+    has no parent: it is kept here and released only after ``owner`` is gone and the pool is idle."""
+    import weakref
+
+    _release_idle_orphans()
+    pool = QThreadPool()
+    if max_threads:
+        pool.setMaxThreadCount(max_threads)
+    _OWNED_POOLS.append((weakref.ref(owner), pool))
+    return pool
+
+
+def _owned_by(owner: QObject, ref: Any) -> bool:
+    import shiboken6
+
+    obj = ref()
+    while obj is not None and shiboken6.isValid(obj):
+        if obj is owner:
+            return True
+        obj = obj.parent()
+    return False
+
+
+def drain_pools(owner: QObject, msecs: int = 10000) -> bool:
+    """Before ``owner`` closes: cancel its runners' work, drop queued tasks of every pool owned by
+    ``owner`` or its descendants and give running ones ``msecs`` in all (``waitForDone`` releases the
+    GIL). Returns whether all finished; the rest finish on their own (their pools outlive ``owner``)."""
     from PySide6.QtCore import QElapsedTimer
 
-    _PARKED_POOLS[:] = [p for p in _PARKED_POOLS if p.activeThreadCount() > 0]
-    pools = owner.findChildren(QThreadPool)
     for r in owner.findChildren(TaskRunner):
         r.cancel_all()
-    for p in pools:
-        p.clear()
+    pools = [pool for ref, pool in _OWNED_POOLS if _owned_by(owner, ref)]
+    for pool in pools:
+        pool.clear()
     clock = QElapsedTimer()
     clock.start()
-    parked = 0
-    for p in pools:
-        if not p.waitForDone(max(1, msecs - int(clock.elapsed()))):
-            p.setParent(None)
-            _PARKED_POOLS.append(p)
-            parked += 1
-    return parked
+    return all(pool.waitForDone(max(1, msecs - int(clock.elapsed()))) for pool in pools)
 
 
-def wait_parked_pools(msecs: int = 30000) -> bool:
-    """At exit: give parked pools' last tasks time to finish (the GIL released while waiting)."""
-    ok = all(p.waitForDone(msecs) for p in _PARKED_POOLS)
-    if ok:
-        _PARKED_POOLS.clear()
+def wait_for_all_pools(msecs: int = 30000) -> bool:
+    """At exit: give the last running tasks time to finish (the GIL released while waiting)."""
+    ok = all(pool.waitForDone(msecs) for _, pool in _OWNED_POOLS)
+    _release_idle_orphans()
     return ok

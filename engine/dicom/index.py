@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from engine.dicom.pixels import ZIP_SEP, _check_zip_info, _ensure_transfer_syntax, _guard_deflate, sniff
+from engine.dicom.budget import _check_zip_info, _guard_deflate
+from engine.dicom.pixels import ZIP_SEP, _ensure_transfer_syntax, sniff
 from engine.dicom.records import (FileProblem, IndexResult, InstanceRecord, PatientRecord,
                                   SeriesRecord, StudyRecord)
 from engine.errors import LoadError

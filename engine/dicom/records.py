@@ -31,7 +31,7 @@ class SeriesRecord:
     rows: int = 0
     columns: int = 0
     instances: list[InstanceRecord] = field(default_factory=list)  # sorted by instance number / position
-    # For the hanging protocol (engine.hanging): ORIGINAL/DERIVED and LOCALIZER (PS3.3 C.7.6.1.1.2,
+    # For the hanging protocol (engine.reading.hanging): ORIGINAL/DERIVED and LOCALIZER (PS3.3 C.7.6.1.1.2,
     # C.8.2.1.1.1), the reconstruction kernel (0018,1210) and Slice Thickness (0018,0050).
     image_type: str = ""
     convolution_kernel: str = ""

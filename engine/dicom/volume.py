@@ -18,8 +18,10 @@ from typing import Callable
 
 import numpy as np
 
-from engine.dicom.pixels import (_dcmread, _decode_reason, _int, _ts_of, check_budget, guard_memory,
-                                 header_windows, inspect_codestreams, robust_window)
+from engine.dicom.attributes import _int
+from engine.dicom.budget import check_budget, inspect_codestreams
+from engine.dicom.display import header_windows, robust_window
+from engine.dicom.pixels import _dcmread, _decode_reason, _ts_of, guard_memory
 from engine.dicom.records import InstanceRecord, SeriesRecord
 from engine.errors import AnalysisCancelled, LoadError
 
@@ -391,7 +393,8 @@ def _check_shear(insts: list[InstanceRecord], normal: np.ndarray, warnings: list
 def _load_multiframe(inst: InstanceRecord, series: SeriesRecord, budget_bytes: int,
                      warnings: list[str]) -> Volume:
     """Enhanced CT (one file, many frames; PS3.3 C.7.6.16 functional groups) -> Volume."""
-    from engine.dicom.pixels import _functional_item, frame_from_dataset
+    from engine.dicom.attributes import _functional_item
+    from engine.dicom.pixels import frame_from_dataset
 
     ds = _dcmread(inst.path, stop_before_pixels=False, cap=budget_bytes)
     check_budget(ds, inst.path, budget_bytes)

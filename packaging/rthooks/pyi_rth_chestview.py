@@ -3,7 +3,7 @@
 Why it exists (and why it lives in packaging/, not in the app code):
 - the `cpu` build variant ships without the cuDNN engine libraries, so it hides GPUs from torch
   (CUDA_VISIBLE_DEVICES="") instead of failing on the first convolution on a GPU machine;
-- child processes started with the `spawn`/`forkserver` method (engine.safe_decode's decoder
+- child processes started with the `spawn`/`forkserver` method (engine.dicom.safe_decode's decoder
   processes on every OS) re-run the executable: `_multiprocessing_child()` turns them into workers;
 - `CHESTVIEW_SMOKE_EXIT=1` makes the viewer quit right after its main window has been painted and
   print how long that took (start-up time to first window, measured by the smoke test).
@@ -33,7 +33,7 @@ def _multiprocessing_child() -> None:
     """If the parent started this executable as a multiprocessing child, become that child and exit.
 
     ``spawn``/``forkserver`` children of a frozen app re-run the executable with
-    ``--multiprocessing-fork key=value...`` (workers, e.g. engine.safe_decode's decoder processes) or
+    ``--multiprocessing-fork key=value...`` (workers, e.g. engine.dicom.safe_decode's decoder processes) or
     with interpreter flags + ``-c "from multiprocessing.resource_tracker import ..."`` (helpers).
     Without this, main.py's argparse rejects those arguments and every decoder child exits with 2.
     Custom runtime hooks run *before* PyInstaller's own multiprocessing hook (whose patched

@@ -1,0 +1,1 @@
+"""The source papers' systems as registered architectures sharing one train/evaluate path."""
