@@ -17,12 +17,25 @@ def _has_display() -> bool:
     return True
 
 
+def start_decoder_early() -> None:
+    """Boot the sandboxed decoder (engine.dicom.safe_decode.start_boundary) before Qt is imported,
+    so it starts on the other core while the window is built and the first image does not wait
+    for it. Best effort: the viewer starts it on demand otherwise."""
+    try:
+        from engine.dicom.safe_decode import start_boundary
+
+        start_boundary()
+    except Exception:  # noqa: BLE001 - an optimisation only; a real failure shows on first decode
+        pass
+
+
 def cmd_run_demo(args: argparse.Namespace) -> int:
     """The README's main job: viewer on the demo; with no display, batch review of the demo."""
     from engine.demo.studies import ensure_demo
 
     demo = ensure_demo()
     if _has_display() and not args.batch:
+        start_decoder_early()
         from viewer.app import run_viewer
 
         return run_viewer([str(demo)])
@@ -34,6 +47,7 @@ def cmd_run_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
+    start_decoder_early()
     from viewer.app import run_viewer
 
     paths = list(args.paths)

@@ -384,10 +384,24 @@ def _get_context(name: str) -> Any:
 
 
 def _importable(module: str) -> bool:
+    """Whether ``module`` can be found, without importing it or its parent packages.
+
+    ``importlib.util.find_spec("pydicom.pixels.decoders.gdcm")`` imports ``pydicom`` and
+    ``pydicom.pixels`` (0.3 s here) just to answer; the viewer calls this before Qt is imported
+    (:func:`start_boundary`), so the submodules are looked up in their parent's folders instead.
+    """
+    import importlib.machinery
     import importlib.util
 
+    parts = module.split(".")
     try:
-        return importlib.util.find_spec(module) is not None
+        spec = importlib.util.find_spec(parts[0])
+        for i in range(1, len(parts)):
+            locations = getattr(spec, "submodule_search_locations", None)
+            if not locations:
+                return False
+            spec = importlib.machinery.PathFinder.find_spec(".".join(parts[:i + 1]), list(locations))
+        return spec is not None
     except (ImportError, ValueError):
         return False
 
@@ -774,6 +788,24 @@ def boundary_pool(lane: str | None = None) -> LimitedPool:
 
                 atexit.register(shutdown_boundary)
         return pool
+
+
+def start_boundary(lanes: tuple[str, ...] = ("interactive",)) -> list[Future]:
+    """Start the decode server and the children of ``lanes`` now, without waiting for them.
+
+    Why: the forkserver imports pydicom, numpy and the codecs (``_PRELOAD``) in a process of its
+    own, which takes as long as the viewer's own imports on a 2-core machine. Called first thing
+    by ``main.py view``, before Qt is imported, it boots on the other core while the window is
+    built, and the first image finds its child ready (bench/bench_viewer_start.py). The server
+    is spawned from this thread (fork+exec, milliseconds); the children start in the pools' slot
+    threads, which wait on the server without the GIL. Returns the warm-up futures (tests).
+    """
+    ctx = _get_context(default_context())
+    if ctx.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+    return [boundary_pool(lane).submit(len, "") for lane in lanes]
 
 
 def shutdown_boundary() -> None:
