@@ -138,6 +138,8 @@ def test_export_sr_and_sc_through_dialog_refuses_input_folder(qtbot, window, dem
     note = dlg.untrained_label.text()
     assert "Findings of untrained models are not exported" in note and f"{UNTRAINED} {UV}" in note
     assert dlg.pm_check.isEnabled() and "1 heatmap(s) from trained models" in dlg.heatmap_note.text()
+    # a radiograph's heatmap cannot be a Parametric Map (no Frame of Reference): the box says what it writes
+    assert "Secondary Capture" in dlg.pm_check.text() and "Parametric Map (float" not in dlg.pm_check.text()
 
     # the input folder (and a folder inside it) is refused with the engine's message; nothing written
     dlg.set_folder(src_path.parent)

@@ -627,6 +627,13 @@ def test_names_and_caret_descriptions_are_formatted(tmp_path, win):
     text = win.image_view.overlay.all_text()
     assert "^" not in text and "Thorax · AThoraxRoutine" in text
     assert "^" not in win.windowTitle() and "^" not in win.ai.panel.series_label.text()
+    tree, shown = win.browser.tree, []                   # the study browser: patient, study, series rows
+    items = [tree.topLevelItem(i) for i in range(tree.topLevelItemCount())]
+    while items:
+        it = items.pop()
+        shown.append(it.text(0))
+        items += [it.child(j) for j in range(it.childCount())]
+    assert "Thorax · AThoraxRoutine" in " ".join(shown) and not any("^" in t for t in shown)
     win.wait_idle(30000)
 
 

@@ -6,7 +6,7 @@ from PySide6.QtGui import QIcon, QImage, QPixmap
 from PySide6.QtWidgets import QLabel, QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget
 
 from engine.dicom.records import IndexResult, SeriesRecord
-from viewer.view.annotations import _fmt_date, _fmt_name
+from viewer.view.annotations import _fmt_date, _fmt_name, display_text
 from viewer.view.layouts import SERIES_MIME
 
 UID_ROLE = Qt.ItemDataRole.UserRole + 1
@@ -37,7 +37,7 @@ def series_label(s: SeriesRecord) -> str:
     frames = sum(max(1, i.frames) for i in s.instances)
     count = f"{n} image{'s' if n != 1 else ''}" if frames == n else f"{frames} frames"
     num = f"Se {s.series_number}  " if s.series_number is not None else ""
-    return f"{num}{s.modality}  {s.series_description or ''}\n{count}".replace("  \n", "\n")
+    return f"{num}{s.modality}  {display_text(s.series_description)}\n{count}".replace("  \n", "\n")
 
 
 class StudyBrowser(QWidget):
@@ -75,7 +75,7 @@ class StudyBrowser(QWidget):
             pit.setFont(0, f)
             self.tree.addTopLevelItem(pit)
             for st in p.studies:
-                sit = QTreeWidgetItem([f"{_fmt_date(st.study_date)}  {st.study_description or '(no description)'}"])
+                sit = QTreeWidgetItem([f"{_fmt_date(st.study_date)}  {display_text(st.study_description) or '(no description)'}"])
                 sit.setToolTip(0, f"Accession {st.accession_number}" if st.accession_number else "")
                 sit.setFlags(sit.flags() & ~Qt.ItemFlag.ItemIsDragEnabled)
                 pit.addChild(sit)

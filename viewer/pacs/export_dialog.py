@@ -35,6 +35,11 @@ EXPORT_DIR_KEY = "ai/export_dir"
 OK_STYLE = "color: #3a9a3a;"
 ERROR_STYLE = "color: #d9534f;"
 KIND_NAMES = {"SR": "SR report", "PM": "Parametric Map", "SC": "Secondary Capture"}
+PM_TEXT = "Heatmap as Parametric Map (float Grad-CAM values, for current PACS)"
+# A Parametric Map needs a Frame of Reference (PS3.3 A.75, C.7.4.1); a radiograph has none, so
+# engine.interop.export writes its heatmap as a labelled Secondary Capture instead.
+PM_TEXT_RADIOGRAPH = ("Heatmap as Parametric Map: a radiograph has no Frame of Reference, so it is "
+                      "written as the Secondary Capture below")
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,7 +204,7 @@ class ExportDialog(QDialog):
         wl = QVBoxLayout(what)
         self.sr_check = QCheckBox("DICOM SR measurement report (Comprehensive 3D SR, TID 1500): findings, "
                                   "probabilities, severity, model name and version")
-        self.pm_check = QCheckBox("Heatmap as Parametric Map (float Grad-CAM values, for current PACS)")
+        self.pm_check = QCheckBox(PM_TEXT)
         self.sc_check = QCheckBox("Heatmap as Secondary Capture (image with burned-in heatmap and label, "
                                   "for older PACS)")
         self.sr_check.setChecked(True)
@@ -316,6 +321,7 @@ class ExportDialog(QDialog):
             self.validity_label.hide()
         n_hm = len(exportable_result(r).heatmaps)
         has_hm = self._has_heatmaps = n_hm > 0
+        self.pm_check.setText(PM_TEXT if r.kind == "ct" else PM_TEXT_RADIOGRAPH)
         for c in (self.pm_check, self.sc_check):
             c.setEnabled(has_hm)
         if has_hm:
