@@ -169,11 +169,12 @@ def drain_pools(owner: QObject, msecs: int = 10000) -> bool:
         pool.clear()
     clock = QElapsedTimer()
     clock.start()
-    return all(pool.waitForDone(max(1, msecs - int(clock.elapsed()))) for pool in pools)
+    finished = [pool.waitForDone(max(1, msecs - int(clock.elapsed()))) for pool in pools]   # each one waited on
+    return all(finished)
 
 
 def wait_for_all_pools(msecs: int = 30000) -> bool:
     """At exit: give the last running tasks time to finish (the GIL released while waiting)."""
-    ok = all(pool.waitForDone(msecs) for _, pool in _OWNED_POOLS)
+    ok = all([pool.waitForDone(msecs) for _, pool in _OWNED_POOLS])      # each one waited on
     _release_idle_orphans()
     return ok
