@@ -17,14 +17,17 @@ def _has_display() -> bool:
     return True
 
 
-def start_decoder_early() -> None:
+def start_decoder_early(paths: list[str] = ()) -> None:
     """Boot the sandboxed decoder (engine.dicom.safe_decode.start_boundary) before Qt is imported,
     so it starts on the other core while the window is built and the first image does not wait
-    for it. Best effort: the viewer starts it on demand otherwise."""
+    for it; the first path given is indexed there meanwhile (safe_decode.prefetch_index). Best
+    effort: the viewer starts both on demand otherwise."""
     try:
-        from engine.dicom.safe_decode import start_boundary
+        from engine.dicom.safe_decode import prefetch_index, start_boundary
 
         start_boundary()
+        if paths:
+            prefetch_index(paths[0])
     except Exception:  # noqa: BLE001 - an optimisation only; a real failure shows on first decode
         pass
 
@@ -35,7 +38,7 @@ def cmd_run_demo(args: argparse.Namespace) -> int:
 
     demo = ensure_demo()
     if _has_display() and not args.batch:
-        start_decoder_early()
+        start_decoder_early([str(demo)])
         from viewer.app import run_viewer
 
         return run_viewer([str(demo)])
@@ -47,14 +50,14 @@ def cmd_run_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
-    start_decoder_early()
-    from viewer.app import run_viewer
-
     paths = list(args.paths)
     if not paths and args.demo:
         from engine.demo.studies import ensure_demo
 
         paths = [str(ensure_demo())]
+    start_decoder_early(paths)
+    from viewer.app import run_viewer
+
     return run_viewer(paths)
 
 

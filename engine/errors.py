@@ -23,3 +23,8 @@ class ModelError(Exception):
 
 class AnalysisCancelled(Exception):
     """Raised inside analyze() when the caller's cancel flag is set."""
+
+
+class AIHostError(RuntimeError):
+    """The AI process (engine.ai.host) stopped or could not run a call; the message says why in
+    words a user can act on (it restarts on the next analysis)."""

@@ -1,7 +1,8 @@
 """The small API the viewer calls (DESIGN.md: viewer never imports torch).
 
-Everything here is importable without torch; model code is imported lazily inside the calls
-that need it, which the viewer runs in worker threads.
+Everything here is importable without torch. Decoding runs in the sandboxed children of
+engine.dicom.safe_decode and model work in the AI process of engine.ai.host; the viewer calls both
+from worker threads.
 """
 from __future__ import annotations
 
@@ -49,6 +50,14 @@ def read_header(path: str | Path):
     return bounded_read_header(path)
 
 
+def series_meta(path: str | Path):
+    """engine.dicom.series_meta.SeriesMeta (what the viewer's annotations show) of one file's
+    header, read in a sandboxed child. LoadError only."""
+    from engine.dicom.safe_decode import bounded_series_meta
+
+    return bounded_series_meta(path)
+
+
 def overlay_planes(path: str | Path, frame: int = 0):
     """The DICOM overlay planes (60xx) of one frame as engine.dicom.overlays.OverlaySet (header
     only, size-checked before unpacking). Worker thread only; never raises. Parsed in this process:
@@ -84,7 +93,21 @@ def warm_up() -> None:
 
 
 def open_path(path: str | Path) -> IndexResult:
-    """Index a folder, DICOMDIR or ZIP (headers only); problems are listed, never raised."""
+    """Index a folder, DICOMDIR or ZIP (headers only); problems are listed, never raised.
+
+    The headers are read in a decode child (engine.dicom.safe_decode.bounded_index_path), whose
+    pydicom is imported already: the viewer shows its first image without importing pydicom
+    (0.3 s of its start-up). If that child cannot do it (it died on a header), the folder is
+    indexed here instead, where each file's problem is reported on its own."""
+    from engine.dicom.safe_decode import bounded_index_path
+    from engine.errors import LoadError
+
+    try:
+        return bounded_index_path(path)
+    except LoadError as exc:
+        import logging
+
+        logging.getLogger(__name__).info("indexing in the decoder failed (%s); indexing here", exc.reason)
     from engine.dicom.index import index_path
 
     return index_path(path)
@@ -92,47 +115,53 @@ def open_path(path: str | Path) -> IndexResult:
 
 def analyze_series(series: SeriesRecord, progress: ProgressFn | None = None,
                    cancel: CancelFn | None = None) -> StudyResult:
-    """Run the AI pipeline on one series (call from a worker thread, never the GUI thread)."""
-    preload_model_runtime()
-    from engine.ai.analysis import analyze
-
-    return analyze(series, progress=progress, cancel=cancel)
-
-
-def model_infos() -> list:
-    """ModelInfo for every registered model (trained or labelled 'untrained')."""
-    preload_model_runtime()
-    from engine.ai.models.registry import list_model_infos
-
-    return list_model_infos()
+    """Run the AI pipeline on one series (engine.ai.analysis.analyze) in the AI process
+    (engine.ai.host), so this process never imports torch. Worker thread only. Never raises for bad
+    input: failures, a stopped AI process included, are in ``StudyResult.error``; raises
+    AnalysisCancelled when ``cancel()`` is True."""
+    return _analysis("analyze_series", series, progress=progress, cancel=cancel)
 
 
 def analyze_volume(series: SeriesRecord, volume, progress: ProgressFn | None = None,
                    cancel: CancelFn | None = None) -> StudyResult:
     """CT analysis on a Volume the viewer already loaded (engine.dicom.volume.load_volume), so the
-    series is not read and held in memory twice. Same contract as ``analyze_series``: never raises
-    for bad input (any unexpected failure falls back to the full ``analyze_series`` path and its
-    error handling); raises AnalysisCancelled when ``cancel()`` is True. Worker thread only."""
-    import logging
-    import time
+    series is not read twice (engine.ai.analysis.analyze_volume; its ``hu`` reaches the AI process
+    through shared memory). Same contract as ``analyze_series``. Worker thread only."""
+    return _analysis("analyze_volume", series, volume, progress=progress, cancel=cancel)
 
-    preload_model_runtime()
-    from engine.ai.analysis import default_analyzer
-    from engine.errors import AnalysisCancelled
 
-    t0 = time.perf_counter()
+def _analysis(fn_name: str, series: SeriesRecord, *args, progress: ProgressFn | None,
+              cancel: CancelFn | None) -> StudyResult:
+    from engine.ai import host
+    from engine.errors import AIHostError
+
+    if not host.process_enabled():
+        preload_model_runtime()
     try:
-        res = default_analyzer().analyze_volume(series, volume, progress=progress, cancel=cancel)
-    except AnalysisCancelled:
-        raise
-    except Exception:  # noqa: BLE001 - the full path reports errors as StudyResult.error
-        logging.getLogger(__name__).debug("analyze_volume failed; re-reading the series", exc_info=True)
-        return analyze_series(series, progress=progress, cancel=cancel)
-    res.timings_ms["total"] = (time.perf_counter() - t0) * 1000.0
-    res.timings_ms.setdefault("load", 0.0)
-    if progress is not None:
-        progress(1.0, "done")
-    return res
+        return host.call(fn_name, series, *args, progress=progress, cancel=cancel)
+    except AIHostError as e:
+        from engine.ai.analysis import failed_result
+
+        return failed_result(series, f"Analysis failed: {e}")
+
+
+def model_infos() -> list:
+    """ModelInfo for every registered model (trained or labelled 'untrained'), read in the AI
+    process. Raises (AIHostError, ModelError) with a message the viewer shows."""
+    from engine.ai import host
+
+    if not host.process_enabled():
+        preload_model_runtime()
+    return host.call("model_infos")
+
+
+def start_ai_host() -> None:
+    """Start the AI process and load the models there now, without waiting (the viewer calls it once
+    the first image is shown, so the first analysis does not wait for torch). No-op when the models
+    run in this process (``CHESTVIEW_AI_PROCESS=0``)."""
+    from engine.ai.host import start_ai_host as start
+
+    start()
 
 
 _TORCH_LIBS = ("libc10.so", "libtorch_cpu.so", "libtorch.so", "libtorch_python.so")

@@ -384,7 +384,7 @@ def _volume(nz: int = 30, n: int = 48, dz: float = 8.0, dxy: float = 0.7):
 
 
 def test_mpr_numbers_like_the_stack_slab_in_mm_and_interpolated_reformats(qtbot):
-    from viewer.view.annotations import SeriesMeta
+    from engine.dicom.series_meta import SeriesMeta
     from viewer.view.image_view import VolumeSource
     from viewer.view.mpr_view import MPRView
 
@@ -464,7 +464,7 @@ def test_default_ct_window_ignores_padding_outside_the_field_of_view(win, tmp_pa
 
 
 def test_cine_runs_at_the_series_frame_time(win, tmp_path):
-    from viewer.view.annotations import meta_from_dataset
+    from engine.dicom.series_meta import meta_from_dataset
 
     uid = write_xa(tmp_path / "xa", frames=12, frame_time=33.33)
     win.open_path(tmp_path / "xa", wait=True)
@@ -513,7 +513,8 @@ def test_first_drag_after_an_angle_draws(qtbot):
 
 
 def test_flip_after_rotate_flips_on_screen(qtbot):
-    from viewer.view.annotations import SeriesMeta, edge_letters
+    from engine.dicom.series_meta import SeriesMeta
+    from viewer.view.annotations import edge_letters
     from viewer.view.image_view import ArraySource, SliceData
 
     iv = _view()
@@ -615,7 +616,7 @@ def test_shorter_corner_text_leaves_no_stale_box(qtbot):
 def test_names_and_caret_descriptions_are_formatted(tmp_path, win):
     import pydicom
 
-    from viewer.view.annotations import display_text, meta_from_dataset
+    from engine.dicom.series_meta import display_text, meta_from_dataset
 
     uid = write_ct(tmp_path / "ct", nz=3, patient="DOE^JANE^Q")
     ds = pydicom.dcmread(next((tmp_path / "ct").glob("*.dcm")))

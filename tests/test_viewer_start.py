@@ -22,11 +22,31 @@ def test_view_starts_the_decoder_before_the_viewer_is_imported(monkeypatch):
 
     calls: list[str] = []
     monkeypatch.setattr(sd, "start_boundary", lambda *a, **k: calls.append("decoder") or [])
+    monkeypatch.setattr(sd, "prefetch_index", lambda path: calls.append(f"index {path}"))
     fake_app = types.ModuleType("viewer.app")
     fake_app.run_viewer = lambda paths: calls.append(f"viewer {paths}") or 0
     monkeypatch.setitem(sys.modules, "viewer.app", fake_app)
     assert main.main(["view", "some/folder"]) == 0
-    assert calls == ["decoder", "viewer ['some/folder']"]
+    assert calls == ["decoder", "index some/folder", "viewer ['some/folder']"]
+
+
+def test_a_prefetched_index_is_taken_once_by_the_next_open(tmp_path):
+    """main.py view starts indexing its folder before Qt loads; the viewer's open_path takes that
+    result, and a later open of the same folder reads it again (files may have been added)."""
+    from tests.test_viewer_window import _write_dx
+
+    _write_dx(tmp_path / "IM1.dcm", rows=8, cols=8, spacing=(1.0, 1.0))
+    try:
+        sd.prefetch_index(tmp_path)
+        assert str(tmp_path) in sd._prefetched
+        first = service.open_path(tmp_path)
+        assert str(tmp_path) not in sd._prefetched
+        _write_dx(tmp_path / "IM2.dcm", rows=8, cols=8, spacing=(1.0, 1.0))
+        again = service.open_path(tmp_path)
+    finally:
+        sd.shutdown_boundary()
+    assert sum(len(s.instances) for s in first.all_series()) == 1
+    assert sum(len(s.instances) for s in again.all_series()) == 2
 
 
 def test_start_boundary_starts_the_interactive_child_without_waiting():
@@ -161,3 +181,76 @@ def test_an_unreadable_network_file_still_reaches_the_pacs_module(monkeypatch):
     monkeypatch.setattr(netconfig, "load_settings", broken)
     app_mod._autostart_pacs("window")
     assert started == ["window"]
+
+
+FIRST_IMAGE_CHILD = r'''
+import importlib.abc, importlib.machinery, os, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+executed_by = {}
+
+class Hook(importlib.abc.MetaPathFinder):
+    """Records which thread runs the pydicom package's own code (an import, not a lookup)."""
+    def find_spec(self, name, path, target=None):
+        if name != "pydicom":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+        def exec_module(module):
+            executed_by.setdefault("pydicom", threading.current_thread() is threading.main_thread())
+            run(module)
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, Hook())
+from viewer.app import create_app
+app = create_app()
+from viewer.main_window import MainWindow
+win = MainWindow()
+win.open_path(sys.argv[2])
+win.show()
+deadline = time.monotonic() + 90
+while win.image_view.current_data() is None and time.monotonic() < deadline:
+    app.processEvents(); time.sleep(0.005)
+at_first_image = "pydicom" in sys.modules and executed_by.get("pydicom")
+while "pydicom" not in executed_by and time.monotonic() < deadline:   # the preload after it
+    app.processEvents(); time.sleep(0.01)
+print("RESULT", win.image_view.current_data() is not None, at_first_image, executed_by.get("pydicom"), flush=True)
+os._exit(0)
+'''
+
+
+def test_the_gui_thread_shows_the_first_image_without_importing_pydicom(tmp_path):
+    """pydicom takes 0.3 s to import on a 2-core machine: the first image needs none of it in the
+    viewer process (the folder is indexed and headers are read in the decoder child), and the
+    import that follows runs in a worker thread, never on the GUI thread."""
+    from tests.test_viewer_window import _write_dx
+
+    folder = tmp_path / "dx"
+    folder.mkdir()
+    _write_dx(folder / "IM1.dcm", rows=64, cols=96, spacing=(0.2, 0.2))
+    env = dict(__import__("os").environ, QT_QPA_PLATFORM="offscreen",
+               CHESTVIEW_SETTINGS=str(tmp_path / "viewer.ini"))
+    out = subprocess.run([sys.executable, "-c", FIRST_IMAGE_CHILD, str(REPO), str(folder)], env=env,
+                         capture_output=True, text=True, timeout=180, cwd=str(REPO))
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT")), None)
+    assert line is not None, out.stderr[-2000:]
+    shown, gui_imported_before_image, main_thread_imported = line.split()[1:]
+    assert shown == "True"
+    assert gui_imported_before_image == "False"      # not imported, or imported off the GUI thread
+    assert main_thread_imported == "False"           # the preload ran in a worker
+
+
+def test_pyside_does_not_read_the_source_of_every_imported_module():
+    """viewer.qt_startup.skip_feature_scan: PySide6's __feature__ hook read each module's source at
+    import (0.15-0.2 s of start-up); it is switched off, which is right only while no module of ours
+    uses ``from __feature__ import``."""
+    import viewer.app  # noqa: F401 - applies skip_feature_scan
+    from viewer.qt_startup import _uses_no_features
+
+    feature = sys.modules.get("shibokensupport.feature")
+    if feature is None or not hasattr(feature, "_mod_uses_pyside"):
+        pytest.skip("this PySide6 has no __feature__ import hook")
+    assert feature._mod_uses_pyside is _uses_no_features
+    users = [p for folder in ("viewer", "engine") for p in (REPO / folder).rglob("*.py")
+             if "__feature__" in p.read_text(encoding="utf-8")]
+    assert users == []

@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from viewer.view.annotations import SeriesMeta, corner_texts, direction_letters, edge_letters
+from engine.dicom.series_meta import SeriesMeta
+from viewer.view.annotations import corner_texts, direction_letters, edge_letters
 from viewer.view.measurements import angle_deg, distance_mm, ellipse_mask, rect_mask, roi_stats
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 import logging
 import sys
 
+import viewer.qt_startup  # noqa: F401 - first: PySide6 set-up every later import relies on
 from PySide6.QtCore import Qt, QTimer
 from PySide6.QtWidgets import QApplication
-
 
 
 def create_app(argv: list[str] | None = None) -> QApplication:

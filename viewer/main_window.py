@@ -23,11 +23,12 @@ from PySide6.QtWidgets import (QDialog, QDialogButtonBox, QDockWidget, QFileDial
 
 from engine.dicom.records import IndexResult, SeriesRecord
 from engine.results import RESEARCH_USE
-from viewer.view.annotations import SeriesMeta, meta_from_dataset
+from engine.dicom.series_meta import SeriesMeta
 from viewer.view.image_view import FrameSource, ImageView, NavigationKeys, VolumeSource
 from viewer.view.layouts import HangingController, ViewportGrid
 from viewer.view.mpr_view import MPRView
 from viewer.view.stack_order import series_items
+from viewer.qt_startup import preload_dicom_library
 from viewer.qt_workers import TaskRunner
 from viewer.settings_store import SettingsStore
 from viewer.browse.study_browser import StudyBrowser
@@ -37,6 +38,7 @@ from viewer.browse.thumbnails import ThumbnailLoader
 from viewer.ai.workers import install_gui_wait_hook, warm_up_decoder
 
 log = logging.getLogger(__name__)
+PRELOAD_DELAY_MS = 1500      # pydicom is imported in a worker this long after the first image
 
 MOUSE_HELP = [
     ("Right drag", "Window / level (horizontal = width, vertical = level)"),
@@ -79,6 +81,7 @@ class MainWindow(QMainWindow):
         self.current_volume = None
         self.last_message = ""
         self._pending_opens = 0
+        self._dicom_preloaded = False
 
         # central: stack view and MPR
         self.image_view = ImageView()
@@ -476,8 +479,8 @@ class MainWindow(QMainWindow):
         meta = SeriesMeta(modality=series.modality, series_description=series.series_description,
                           series_number=str(series.series_number or ""))
         try:
-            from engine.service import read_header
-            meta = meta_from_dataset(read_header(series.instances[0].path))
+            from engine.service import series_meta
+            meta = series_meta(series.instances[0].path)
         except Exception as exc:  # noqa: BLE001 - annotations are optional, the image is not
             log.info("header unreadable for the annotations: %s", getattr(exc, "reason", exc))
         self.current_meta = meta
@@ -517,6 +520,12 @@ class MainWindow(QMainWindow):
         self._tags_timer.start()
         if series.kind == "ct" and len(items) > 2:
             self._load_volume(series)
+        if not self._dicom_preloaded:
+            # off the GUI thread, and not while the first image is painted: an import holds the
+            # GIL in 5 ms slices, which the paint's own Python loops would wait for
+            self._dicom_preloaded = True
+            QTimer.singleShot(PRELOAD_DELAY_MS, self, lambda: self.runner.submit(
+                preload_dicom_library, on_error=lambda e: log.info("pydicom preload: %s", e)))
         self.series_opened.emit(series)
         return True
 
@@ -658,6 +667,8 @@ class MainWindow(QMainWindow):
             self.tag_browser.search.setFocus()
 
     def _update_tags(self) -> None:
+        if not self.tags_dock.isVisible():
+            return            # read when the dock is shown (visibilityChanged), not on every slice
         d = self.image_view.current_data()
         if d is None or self.current_series is None:
             return

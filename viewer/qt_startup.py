@@ -36,6 +36,34 @@ def protect_singletons() -> bool:
 protect_singletons()
 
 
+def skip_feature_scan() -> bool:
+    """Stop PySide6 from reading the source of every module imported after it.
+
+    PySide6's ``__feature__`` support (``from __feature__ import snake_case, true_property``) hooks
+    the import system: for each newly imported module, ``shibokensupport.feature.feature_imported``
+    calls ``_mod_uses_pyside``, which runs ``inspect.getsource`` on the whole module to look for the
+    string "PySide6" (some 430 modules while the viewer starts: 0.15-0.2 s of its start-up on a
+    2-core machine, bench/bench_viewer_start.py). The answer only matters to modules that switch
+    features on; no module of the viewer does (tests/test_viewer_start.py checks), so every module
+    is reported as not switching, which PySide6 records as "ignore this module". Best effort: a
+    PySide6 without this hook is left alone. Returns True if applied.
+    """
+    import shiboken6  # noqa: F401 - loads shibokensupport
+
+    feature = sys.modules.get("shibokensupport.feature")
+    if feature is None or not hasattr(feature, "_mod_uses_pyside"):
+        return False
+    feature._mod_uses_pyside = _uses_no_features
+    return True
+
+
+def _uses_no_features(module: object) -> bool:
+    return False
+
+
+skip_feature_scan()
+
+
 class _HiddenModules(importlib.abc.MetaPathFinder):
     """A finder that makes ``import NAME`` (and its submodules) fail with ImportError."""
 
@@ -62,17 +90,29 @@ def imports_hidden(*names: str) -> Iterator[None]:
 
 
 def preload_display_stack() -> None:
-    """Import pyqtgraph and pydicom without the extras they probe for at import and never use here.
+    """Import pyqtgraph without the extra it probes for at import and never uses here.
 
     pyqtgraph's ``widgets.RawImageWidget`` imports ``cuda.bindings.runtime`` (cuda-python, pulled in
-    by torch's wheels) for an OpenGL widget the viewer does not use, and ``pydicom.data.download``
-    imports ``requests`` (with urllib3 and charset_normalizer) for downloading pydicom's own test
-    files, falling back to urllib without it. Together about 0.4 s and 60 MB before the first image
-    on a 2-core machine (bench/bench_viewer_start.py). Idempotent; call before either is imported.
+    by torch's wheels) for an OpenGL widget the viewer does not use: about 0.2 s and 30 MB before
+    the first image on a 2-core machine (bench/bench_viewer_start.py). pydicom is not imported
+    here: the viewer's first image needs none (headers are read and frames decoded in the
+    sandboxed decoder, engine.dicom.safe_decode); see :func:`preload_dicom_library`. Idempotent;
+    call before pyqtgraph is imported.
     """
-    if "pyqtgraph" in sys.modules and "pydicom" in sys.modules:
+    if "pyqtgraph" in sys.modules:
         return
-    with imports_hidden("cuda", "requests"):
+    with imports_hidden("cuda"):
+        import pyqtgraph  # noqa: F401
+
+
+def preload_dicom_library() -> None:
+    """Import pydicom in a worker thread once the first image is on screen, so that the first
+    header the GUI thread unpickles later (the tag browser's dataset) does not stall it for the
+    0.3 s pydicom takes to import. ``pydicom.data.download`` imports ``requests`` (with urllib3 and
+    charset_normalizer) only to download pydicom's own test files and falls back to urllib
+    without it: hidden, it saves 0.1 s and 30 MB. Idempotent."""
+    if "pydicom" in sys.modules:
+        return
+    with imports_hidden("requests"):
         import pydicom  # noqa: F401
         import pydicom.pixels  # noqa: F401
-        import pyqtgraph  # noqa: F401

@@ -680,6 +680,33 @@ def analyze(series: SeriesRecord, *, progress: ProgressFn | None = None, cancel:
                                       instance_index=instance_index)
 
 
+def analyze_volume(series: SeriesRecord, volume: Any, *, progress: ProgressFn | None = None,
+                   cancel: CancelFn | None = None) -> StudyResult:
+    """CT analysis on a Volume the caller already loaded (engine.dicom.volume.load_volume), so the
+    series is not read and held in memory twice. Same contract as :func:`analyze`: never raises for
+    bad input (any unexpected failure falls back to :func:`analyze`, which re-reads the series and
+    reports errors in ``StudyResult.error``); raises AnalysisCancelled when ``cancel()`` is True."""
+    t0 = time.perf_counter()
+    try:
+        res = default_analyzer().analyze_volume(series, volume, progress=progress, cancel=cancel)
+    except AnalysisCancelled:
+        raise
+    except Exception:  # noqa: BLE001 - the full path reports errors as StudyResult.error
+        log.debug("analyze_volume failed; re-reading the series", exc_info=True)
+        return analyze(series, progress=progress, cancel=cancel)
+    res.timings_ms["total"] = (time.perf_counter() - t0) * 1000.0
+    res.timings_ms.setdefault("load", 0.0)
+    if progress is not None:
+        progress(1.0, "done")
+    return res
+
+
+def failed_result(series: SeriesRecord, reason: str) -> StudyResult:
+    """The StudyResult of an analysis that could not run at all (``error`` set, no findings), as
+    :meth:`Analyzer.analyze` reports a failure."""
+    return _failed(series, series.kind if series.kind in ("xray", "ct") else "unsupported", reason)
+
+
 def analyze_many(series_list: Sequence[SeriesRecord], *, progress: ProgressFn | None = None,
                  cancel: CancelFn | None = None, want_heatmaps: bool = True) -> list[StudyResult]:
     """Batch form of :func:`analyze` (X-rays share forward passes)."""

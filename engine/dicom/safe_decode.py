@@ -249,6 +249,20 @@ def _shm_usable() -> bool:
     return os.name == "posix" and os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
 
 
+SHM_WRITE_CHUNK = 8 << 20
+
+
+def _write_chunks(fd: int, raw: memoryview) -> None:
+    """Write ``raw`` at offset 0 in 8 MiB ``pwrite`` calls, each of which releases the GIL: a
+    single memoryview copy into a mapping holds it for the whole buffer (36 ms for a 60 MB CT
+    volume, 80 ms for 160 MB on a 2-core machine), long enough to stall the viewer's GUI thread
+    when a worker sends a volume to the AI process (engine.ai.host)."""
+    view = raw.cast("B") if raw.format != "B" else raw
+    done = 0
+    while done < view.nbytes:
+        done += os.pwrite(fd, view[done:done + SHM_WRITE_CHUNK], done)
+
+
 def _dumps(obj: Any, prefix: str | None) -> bytes:
     """Pickle ``obj`` (protocol 5); with ``prefix``, large contiguous buffers (numpy arrays) are
     written to ``/dev/shm/<prefix>N`` instead of the pipe and only their names travel.
@@ -274,8 +288,7 @@ def _dumps(obj: Any, prefix: str | None) -> bytes:
             return True
         try:
             os.posix_fallocate(fd, 0, raw.nbytes)
-            with mmap.mmap(fd, raw.nbytes) as mm:
-                mm[:] = raw
+            _write_chunks(fd, raw)
         except OSError:
             os.close(fd)
             os.unlink(path)
@@ -871,6 +884,63 @@ def bounded_read_header(path: Any) -> Any:
         return _wait(boundary_pool().submit(pixels.read_header, str(path), timeout_s=HEADER_TIMEOUT_S))
     except LoadError as e:
         raise LoadError(path, e.reason) from None
+
+
+def header_meta(path: Any) -> Any:
+    """engine.dicom.series_meta.SeriesMeta of one file's header (runs inside a child)."""
+    from engine.dicom.pixels import read_header
+    from engine.dicom.series_meta import meta_from_dataset
+
+    return meta_from_dataset(read_header(str(path)))
+
+
+def bounded_series_meta(path: Any) -> Any:
+    """:func:`header_meta` in a sandboxed child: the viewer gets plain data (no pydicom Dataset to
+    unpickle, so it needs no pydicom before its first image). LoadError only."""
+    try:
+        return _wait(boundary_pool().submit(header_meta, str(path), timeout_s=HEADER_TIMEOUT_S))
+    except LoadError as e:
+        raise LoadError(path, e.reason) from None
+
+
+INDEX_TIMEOUT_S = 3600.0   # a whole folder's headers; the per-file work is bounded by the index itself
+
+
+def _index_child(path: str, progress: Callable[[float, str], None] | None = None) -> Any:
+    from engine.dicom.index import index_path
+
+    return index_path(path, progress=progress)
+
+
+_prefetched: dict[str, Future] = {}
+_prefetched_lock = threading.Lock()
+
+
+def prefetch_index(path: Any) -> None:
+    """Start indexing ``path`` in a background decode child now; the next
+    :func:`bounded_index_path` of the same path takes this result instead of starting again.
+
+    Why: ``main.py view FOLDER`` calls this before Qt is imported, so the folder's headers are read
+    on the other core while the viewer imports and builds its window (bench/bench_viewer_start.py).
+    """
+    key = os.path.abspath(os.fspath(path))
+    fut = boundary_pool("background").submit_call(_index_child, (key,), timeout_s=INDEX_TIMEOUT_S)
+    with _prefetched_lock:
+        _prefetched[key] = fut
+
+
+def bounded_index_path(path: Any, progress: Callable[[float, str], None] | None = None,
+                       cancel: Callable[[], bool] | None = None) -> Any:
+    """engine.dicom.index.index_path in a decode child (its pydicom is imported already, and a
+    header that crashes a parser takes down the child, not the caller). Raises LoadError when the
+    child failed (the caller may then index in-process), AnalysisCancelled on ``cancel()``."""
+    key = os.path.abspath(os.fspath(path))
+    with _prefetched_lock:
+        fut = _prefetched.pop(key, None)
+    if fut is None:
+        fut = boundary_pool().submit_call(_index_child, (key,), timeout_s=INDEX_TIMEOUT_S,
+                                          progress=progress, cancel=cancel)
+    return _wait(fut)
 
 
 def _load_volume_child(series: Any, progress: Callable[[float, str], None] | None = None) -> Any:

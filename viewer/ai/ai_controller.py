@@ -20,7 +20,7 @@ from PySide6.QtWidgets import (QAbstractSpinBox, QApplication, QComboBox, QDockW
                                QPlainTextEdit, QTextEdit, QWidget)
 
 from engine.results import Heatmap, StudyResult
-from viewer.view.annotations import display_text
+from engine.dicom.series_meta import display_text
 from viewer.ai.findings_panel import FindingsPanel
 from viewer.view.heatmap_overlay import HeatmapOverlay
 from viewer.ai.workers import AnalysisRunner, AnalyzeFn, ModelInfoLoader
@@ -122,7 +122,9 @@ class AIController(QObject):
                                               f" ({NEXT_SUSPICIOUS_KEY.toString()})")
         app = QApplication.instance()
         if app is not None:
-            app.installEventFilter(self)
+            # installed once the event loop runs: an application filter sees every event, and
+            # the window's construction alone sends some 10,000 (start-up time)
+            QTimer.singleShot(0, self, lambda: app.installEventFilter(self))
             app.aboutToQuit.connect(self.shutdown)
         # The model cards are read by the registry, which imports torch: not at start-up (idle
         # memory, start time, a GUI stall) but with the first analysis, whose result names its

@@ -41,18 +41,7 @@ class TrendPanel(QGroupBox):
                         "to open that study beside the current one")
         self.points: list[TrendPoint] = []
         self.current_study = ""
-        self.plot = pg.PlotWidget(background="#202020")
-        self.plot.setMinimumHeight(180)
-        self.plot.setMaximumHeight(230)
-        self.plot.setMouseEnabled(x=False, y=False)
-        self.plot.hideButtons()
-        self.plot.setMenuEnabled(False)
-        pi = self.plot.getPlotItem()
-        pi.showGrid(x=False, y=True, alpha=0.25)
-        pi.setYRange(0.0, 1.0, padding=0.06)
-        # probabilities on 0-1; each severity scale drawn as a fraction of its maximum (legend, table)
-        pi.getAxis("left").setTicks([[(0.0, "0"), (0.5, "½"), (1.0, "1")]])
-        pi.getAxis("left").setWidth(24)
+        self._plot: pg.PlotWidget | None = None     # built on first use (start-up time)
         self.legend = QLabel("")
         self.legend.setWordWrap(True)
         self.legend.setTextFormat(Qt.TextFormat.RichText)
@@ -78,13 +67,33 @@ class TrendPanel(QGroupBox):
         row.addWidget(self.analyse_button)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(4, 4, 4, 4)
-        lay.addWidget(self.plot)
         lay.addWidget(self.legend)
         lay.addWidget(self.table)
         lay.addLayout(row)
         lay.addWidget(self.pacs_label)
         self.scatters: list[pg.ScatterPlotItem] = []
         self.hide()
+
+    @property
+    def plot(self) -> pg.PlotWidget:
+        """The trend plot, made when first needed: a PlotWidget with its axes and menus takes
+        0.1 s to build, and most patients opened have no earlier study to plot."""
+        if self._plot is None:
+            plot = pg.PlotWidget(background="#202020")
+            plot.setMinimumHeight(180)
+            plot.setMaximumHeight(230)
+            plot.setMouseEnabled(x=False, y=False)
+            plot.hideButtons()
+            plot.setMenuEnabled(False)
+            pi = plot.getPlotItem()
+            pi.showGrid(x=False, y=True, alpha=0.25)
+            pi.setYRange(0.0, 1.0, padding=0.06)
+            # probabilities on 0-1; each severity scale drawn as a fraction of its maximum (legend, table)
+            pi.getAxis("left").setTicks([[(0.0, "0"), (0.5, "½"), (1.0, "1")]])
+            pi.getAxis("left").setWidth(24)
+            self.layout().insertWidget(0, plot)
+            self._plot = plot
+        return self._plot
 
     # -- rendering -------------------------------------------------------------------------
     def set_points(self, points: Sequence[TrendPoint], current_study: str, n_studies: int,

@@ -6,8 +6,9 @@ cancels the older one (the engine polls the cancel flag) and runs as soon as it 
 Late results of superseded requests are dropped by request id, so the panel never shows a
 result that belongs to a series the user has already left.
 
-The analysis function is imported *inside* the worker (``engine.service.analyze_series``),
-so importing this module never imports torch.
+The analysis function is imported *inside* the worker (``engine.service.analyze_series``); the
+engine runs the models in its AI process (engine.ai.host), so the viewer never imports torch and the
+worker thread only waits on a pipe.
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def warm_up_decoder() -> None:
 def _default_analyze(series: Any, progress: Callable[[float, str], None],
                      cancel: Callable[[], bool], volume: Any = None) -> Any:
     """engine.service.analyze_series (or analyze_volume when the viewer already loaded the CT),
-    imported lazily: torch loads here, in the worker thread."""
+    imported lazily; the models run in the engine's AI process (engine.ai.host)."""
     if volume is not None:
         from engine.service import analyze_volume
 
@@ -314,8 +315,8 @@ def _model_infos() -> Any:
 
 
 class ModelInfoLoader(QObject):
-    """Reads the model cards off the GUI thread (the registry imports torch, which holds the GIL
-    for a while: doing it at startup keeps that stall out of the first analysis).
+    """Reads the model cards off the GUI thread: the registry runs in the engine's AI process
+    (engine.ai.host), which may still be starting, so the answer can take seconds.
 
     Signal ``loaded(list[ModelInfo] | None, str | None)``.
     """

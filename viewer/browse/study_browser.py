@@ -6,7 +6,7 @@ from PySide6.QtGui import QIcon, QImage, QPixmap
 from PySide6.QtWidgets import QLabel, QTreeWidget, QTreeWidgetItem, QVBoxLayout, QWidget
 
 from engine.dicom.records import IndexResult, SeriesRecord
-from viewer.view.annotations import _fmt_date, _fmt_name, display_text
+from engine.dicom.series_meta import display_text, format_date, format_person_name
 from viewer.view.layouts import SERIES_MIME
 
 UID_ROLE = Qt.ItemDataRole.UserRole + 1
@@ -67,7 +67,7 @@ class StudyBrowser(QWidget):
         self.tree.clear()
         self._series_items.clear()
         for p in index.patients:
-            pname = _fmt_name(p.patient_name) or "(no name)"
+            pname = format_person_name(p.patient_name) or "(no name)"
             pit = QTreeWidgetItem([f"{pname}  [{p.patient_id}]" + (f"  {p.sex}" if p.sex else "")])
             pit.setFlags(pit.flags() & ~Qt.ItemFlag.ItemIsDragEnabled)
             f = pit.font(0)
@@ -75,7 +75,7 @@ class StudyBrowser(QWidget):
             pit.setFont(0, f)
             self.tree.addTopLevelItem(pit)
             for st in p.studies:
-                sit = QTreeWidgetItem([f"{_fmt_date(st.study_date)}  {display_text(st.study_description) or '(no description)'}"])
+                sit = QTreeWidgetItem([f"{format_date(st.study_date)}  {display_text(st.study_description) or '(no description)'}"])
                 sit.setToolTip(0, f"Accession {st.accession_number}" if st.accession_number else "")
                 sit.setFlags(sit.flags() & ~Qt.ItemFlag.ItemIsDragEnabled)
                 pit.addChild(sit)

@@ -34,7 +34,8 @@ preload_display_stack()   # pyqtgraph without its CUDA probe (start-up time, see
 
 import pyqtgraph as pg  # noqa: E402 - after preload_display_stack
 
-from viewer.view.annotations import CornerOverlay, SeriesMeta, corner_texts, edge_letters  # noqa: E402
+from engine.dicom.series_meta import SeriesMeta  # noqa: E402
+from viewer.view.annotations import CornerOverlay, corner_texts, edge_letters  # noqa: E402
 from viewer.view.measurements import MeasurementLayer  # noqa: E402
 from viewer.view.heatmap_overlay import OverlayPlaneLayer  # noqa: E402
 
@@ -361,7 +362,9 @@ class NavigationKeys(QObject):
         self.window, self.target = window, target
         app = QApplication.instance()
         if app is not None:
-            app.installEventFilter(self)
+            # once the event loop runs: the window's construction alone sends some 10,000
+            # events through every application filter (start-up time)
+            QTimer.singleShot(0, self, lambda: app.installEventFilter(self))
 
     def eventFilter(self, obj, ev):  # noqa: N802 - Qt API
         if ev.type() != QEvent.Type.KeyPress or ev.key() not in self.KEYS:

@@ -27,7 +27,7 @@ from PySide6.QtWidgets import QApplication, QFrame, QGridLayout, QLabel, QVBoxLa
 
 from engine.dicom.records import SeriesRecord
 from engine.reading.hanging import nearest_position_index
-from viewer.view.annotations import SeriesMeta, _fmt_date
+from engine.dicom.series_meta import SeriesMeta, format_date
 from viewer.view.image_view import FrameSource, ImageView, SliceSource, VolumeSource, slice_from_frame
 
 SERIES_MIME = "application/x-chestview-series-uid"   # a series dragged from the study browser onto a viewport
@@ -54,19 +54,16 @@ class PreparedStack:
 
 def prepare_stack(series: SeriesRecord) -> PreparedStack:
     """Read the header, decode the first image to show and, for a CT series, the whole volume
-    (engine.dicom.volume, the main window's own CT path) so that linked scrolling never decodes on
+    (engine.service, the main window's own CT path) so that linked scrolling never decodes on
     the GUI thread. Worker thread only; raises LoadError for unreadable series."""
-    from engine.dicom.pixels import load_frame, read_header
-    from viewer.view.annotations import meta_from_dataset
+    from engine.service import load_frame, load_volume, series_meta
     from viewer.view.stack_order import series_items
 
-    ds = read_header(series.instances[0].path)
-    meta = meta_from_dataset(ds)
-    for_uid = str(getattr(ds, "FrameOfReferenceUID", "") or "")
+    # every read goes through the sandboxed decoder, as the main window's own (engine.service)
+    meta = series_meta(series.instances[0].path)
+    for_uid = meta.frame_of_reference_uid
     items, step = series_items(series)
     if series.kind == "ct" and len(items) > 2:
-        from engine.dicom.volume import load_volume
-
         volume = load_volume(series)
         template = slice_from_frame(load_frame(items[len(items) // 2][0], items[len(items) // 2][1]))
         src = VolumeSource(volume, template)
@@ -490,7 +487,7 @@ class ViewportGrid(QWidget):
 
 
 def _caption(series: SeriesRecord, meta: SeriesMeta) -> str:
-    date = _fmt_date(meta.study_date) if meta.study_date else ""
+    date = format_date(meta.study_date) if meta.study_date else ""
     return "  ·  ".join(x for x in (date, f"{series.modality} {series.series_description}".strip()) if x)
 
 
@@ -566,7 +563,7 @@ class HangingController(QObject):
         from engine.reading.hanging import study_datetime_key
 
         study = self.mw.index.study_of(series)
-        date = _fmt_date(study.study_date) if study is not None else ""
+        date = format_date(study.study_date) if study is not None else ""
         what = f"{series.modality} {series.series_description}".strip()
         role = ""
         cur = self.grid.viewports[0].series
@@ -702,7 +699,7 @@ def _find_study(index, study_uid: str):
 
 
 def _frame_of_reference(path: str) -> str:
-    """Frame of Reference UID (0020,0052) of one file (worker thread)."""
-    from engine.dicom.pixels import read_header
+    """Frame of Reference UID (0020,0052) of one file (worker thread; sandboxed read)."""
+    from engine.service import series_meta
 
-    return str(getattr(read_header(path), "FrameOfReferenceUID", "") or "")
+    return series_meta(path).frame_of_reference_uid
