@@ -14,6 +14,8 @@ Phases (longest event-loop gap in each): ``start`` (window shown to first image)
 Idle RSS is read by the parent from /proc/PID/status of the empty window (``view`` with no
 folder) 3 s after it was shown, and of the window holding the study after its analysis.
 
+The checkouts are byte-compiled first (as scripts/setup.sh does for ``make run``).
+
 Baseline, measured in the same run and printed as ratios: a bare QApplication with one QLabel
 showing one 512x512 QImage (the least any Qt viewer can do).
 
@@ -233,6 +235,11 @@ def main() -> int:
     env = dict(os.environ, QT_QPA_PLATFORM=os.environ.get("QT_QPA_PLATFORM", "offscreen"),
                CHESTVIEW_SETTINGS=str(tmp / "viewer.ini"), PYTHONDONTWRITEBYTECODE="1")
     folders = make_folders(tmp)
+    # as an installed app starts: from bytecode (scripts/setup.sh compiles it; the children run
+    # with PYTHONDONTWRITEBYTECODE and would otherwise compile every module of the checkout)
+    for repo in {REPO, args.repo}:
+        subprocess.run([sys.executable, "-m", "compileall", "-q", "engine", "viewer", "main.py"],
+                       cwd=str(repo), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     rows: dict[str, list[dict]] = {"bare Qt + one QImage": []}
     for c in cases:

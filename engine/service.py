@@ -76,7 +76,7 @@ def thumbnail(series: SeriesRecord, size: int = 96):
 
 
 def set_wait_hook(fn: Callable[[], None] | None) -> None:
-    """Called every ~20 ms while the calling thread waits on a sandboxed decode (the GUI passes
+    """Called every ~10 ms while the calling thread waits on a sandboxed decode (the GUI passes
     one that serves timers and paint events). See engine.dicom.safe_decode.set_wait_hook."""
     from engine.dicom.safe_decode import set_wait_hook as _set
 

@@ -554,6 +554,27 @@ def test_tag_browser_has_its_own_dock_with_the_value_column_visible(win, tmp_pat
     win.wait_idle(30000)
 
 
+def test_headers_are_read_for_the_tag_browser_only_while_it_is_shown(win, tmp_path, monkeypatch):
+    """Every slice change used to read the slice's header 120 ms later (a decoder round trip and a
+    pydicom dataset unpickled on the GUI thread) even with the tag browser hidden."""
+    import engine.service as service
+
+    uid = write_ct(tmp_path / "ct", nz=3)
+    win.open_path(tmp_path / "ct", wait=True)
+    assert win.select_series(uid)
+    read: list[str] = []
+    real = service.read_header
+    monkeypatch.setattr(service, "read_header", lambda path: read.append(path) or real(path))
+    assert not win.tags_dock.isVisible()
+    win.image_view.set_slice(1)
+    QTest.qWait(300)                                   # past the tags timer
+    assert read == []
+    win.act_tags.trigger()
+    assert len(read) == 1 and win.tag_browser.tree.topLevelItemCount() > 10
+    win.act_tags.trigger()
+    win.wait_idle(30000)
+
+
 def test_colorbar_threshold_label_never_overlaps_the_end_marks(qtbot):
     from viewer.view.heatmap_overlay import ColorBar
 

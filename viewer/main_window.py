@@ -661,9 +661,8 @@ class MainWindow(QMainWindow):
         if self.tags_dock.isVisible():
             self.tags_dock.hide()
         else:
-            self.tags_dock.show()
+            self.tags_dock.show()             # visibilityChanged reads the header (_update_tags)
             self.tags_dock.raise_()
-            self._update_tags()
             self.tag_browser.search.setFocus()
 
     def _update_tags(self) -> None:

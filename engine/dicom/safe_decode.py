@@ -779,6 +779,7 @@ HEADER_TIMEOUT_S = 15.0
 _lanes: dict[str, LimitedPool] = {}
 _lanes_lock = threading.Lock()
 _wait_hook: tuple[int, Callable[[], None]] | None = None
+WAIT_HOOK_S = 0.01   # a GUI thread waiting on a decode serves its timers and paints this often
 
 
 def _lane() -> str:
@@ -831,7 +832,7 @@ def shutdown_boundary() -> None:
 
 
 def set_wait_hook(fn: Callable[[], None] | None) -> None:
-    """``fn`` is called every ~20 ms while *this* thread waits on the boundary (a GUI passes one
+    """``fn`` is called every ~WAIT_HOOK_S while *this* thread waits on the boundary (a GUI passes one
     that processes timers and paint events, so the window keeps answering while a slow or hostile
     file is decoded; the decode itself never runs in this process)."""
     global _wait_hook
@@ -845,7 +846,7 @@ def _wait(fut: Future) -> Any:
 
         while True:
             try:
-                return fut.result(timeout=0.02)
+                return fut.result(timeout=WAIT_HOOK_S)
             except FutTimeout:
                 try:
                     hook[1]()
