@@ -102,7 +102,8 @@ def check_devices(out) -> None:
             print(f"  cuda:{i} {p.name}, {p.total_memory / 2**30:.1f} GiB", file=out)
 
 
-def analyse_demo(out, demo: Path | None = None, ct_max_slices: int | None = None) -> bool:
+def analyse_demo(out, demo: Path | None = None, ct_max_slices: int | None = None,
+                 keep: list | None = None) -> bool:
     from engine.ai.analysis import Analyzer
     from engine.demo.studies import ensure_demo
     from engine.dicom.index import index_path
@@ -116,6 +117,8 @@ def analyse_demo(out, demo: Path | None = None, ct_max_slices: int | None = None
     ok = not idx.problems
     for s in idx.all_series():
         r = an.analyze(s)
+        if keep is not None:
+            keep.append((s, r))
         failed = [x for x in r.validity.reasons if "No out-of-distribution check" not in x]
         gate = "gate passed" if r.validity.passed else "gate FAILED: " + "; ".join(failed)[:160]
         if r.error:
@@ -130,6 +133,32 @@ def analyse_demo(out, demo: Path | None = None, ct_max_slices: int | None = None
               f"({', '.join(pos) or 'none positive'}){extra}; {r.timings_ms.get('total', 0):.0f} ms; {model}",
               file=out)
     return ok
+
+
+def check_ai_process(out, analysed: list) -> bool:
+    """The viewer's path to the models (engine.service -> engine.ai.host, a separate process): the
+    first radiograph of the demo analysed there must give the findings the in-process analysis
+    gave. In a packaged build this is the check that the frozen app can start its AI process."""
+    from engine.ai.host import get_host, process_enabled
+    from engine.service import analyze_series
+
+    pick = next(((s, r) for s, r in analysed if r.kind == "xray"), None)
+    if pick is None:
+        print("  no radiograph in the demo: nothing to compare", file=out)
+        return False
+    series, here = pick
+    t = time.perf_counter()
+    there = analyze_series(series)
+    if there.error:
+        print(f"  FAILED: {there.error}", file=out)
+        return False
+    a = {f.label: f.probability for f in here.findings}
+    b = {f.label: f.probability for f in there.findings}
+    same = a.keys() == b.keys() and all(abs(a[k] - b[k]) < 1e-4 for k in a)
+    where = f"process {get_host().pid}" if process_enabled() else "this process (CHESTVIEW_AI_PROCESS=0)"
+    print(f"  analysed in {where} in {time.perf_counter() - t:.1f} s: "
+          f"{'same findings as in-process' if same else f'DIFFERENT findings: {b} vs {a}'}", file=out)
+    return same
 
 
 def cli_main(argv: list[str] | None = None) -> int:
@@ -161,11 +190,19 @@ def cli_main(argv: list[str] | None = None) -> int:
         results["devices"] = False
     if not args.no_demo:
         print("-- demo analysis", file=out)
+        analysed: list = []
         try:
-            results["demo"] = analyse_demo(out, Path(args.demo) if args.demo else None, args.ct_max_slices)
+            results["demo"] = analyse_demo(out, Path(args.demo) if args.demo else None, args.ct_max_slices,
+                                           keep=analysed)
         except Exception as e:
             print(f"  FAILED: {type(e).__name__}: {e}", file=out)
             results["demo"] = False
+        print("-- AI process (the viewer's path to the models)", file=out)
+        try:
+            results["ai-process"] = check_ai_process(out, analysed)
+        except Exception as e:
+            print(f"  FAILED: {type(e).__name__}: {e}", file=out)
+            results["ai-process"] = False
     bad = [k for k, v in results.items() if not v]
     print(f"selftest: {'OK' if not bad else 'FAILED (' + ', '.join(bad) + ')'}", file=out)
     return 0 if not bad else 1
