@@ -156,9 +156,9 @@ def model_infos() -> list:
 
 
 def start_ai_host() -> None:
-    """Start the AI process and load the models there now, without waiting (the viewer calls it once
-    the first image is shown, so the first analysis does not wait for torch). No-op when the models
-    run in this process (``CHESTVIEW_AI_PROCESS=0``)."""
+    """Start the AI process and load the models there now, without waiting, for a caller that knows
+    an analysis will follow (the viewer needs none: auto-run's first analysis starts the process).
+    No-op when the models run in this process (``CHESTVIEW_AI_PROCESS=0``)."""
     from engine.ai.host import start_ai_host as start
 
     start()

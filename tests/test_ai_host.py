@@ -214,6 +214,20 @@ def test_the_switch_runs_the_models_in_this_process(ai_host, monkeypatch):
     assert host.call("warm") is None    # the child runs its own table, not the patched one
 
 
+def test_a_child_started_under_other_settings_is_replaced(ai_host, monkeypatch, tmp_path):
+    """The child copies the environment when it starts; a later change of the model folder (or
+    threads, device) must reach the models, as it would in-process."""
+    trained = {i.name: i.trained for i in host.call("model_infos")}
+    assert trained.get(XRAY_MODEL) is True
+    pid, started = ai_host.pid, ai_host.started
+    monkeypatch.setenv("CHESTVIEW_MODELS", str(tmp_path / "no-models"))
+    now = {i.name: i.trained for i in host.call("model_infos")}
+    assert now.get(XRAY_MODEL) is False                 # no card there: labelled untrained
+    assert ai_host.started == started + 1 and ai_host.pid != pid
+    monkeypatch.delenv("CHESTVIEW_MODELS")
+    assert {i.name: i.trained for i in host.call("model_infos")} == trained
+
+
 def test_stop_reasons_and_remote_errors_read_well():
     assert host._stop_reason(-signal.SIGKILL) == "SIGKILL: out of memory?"
     assert "SIGSEGV" in host._stop_reason(-signal.SIGSEGV) and host._stop_reason(3) == "exit status 3"

@@ -261,6 +261,15 @@ def _host_main(conn: Any, env: dict[str, str]) -> None:
 # ----------------------------------------------------------------------------------------------
 # Parent side
 # ----------------------------------------------------------------------------------------------
+SETTINGS_PREFIXES = ("CHESTVIEW_", "OMP_", "MKL_", "CUDA_")
+
+
+def _settings() -> dict[str, str]:
+    """The environment variables that change what the models do (which weights, threads, device);
+    the child copies the whole environment when it starts."""
+    return {k: v for k, v in os.environ.items() if k.startswith(SETTINGS_PREFIXES)}
+
+
 class _CannotStart(Exception):
     """No child process could be started at all (the caller falls back to in-process)."""
 
@@ -310,6 +319,7 @@ class AIHost:
         self._closed = False                 # set at exit: no new child
         self._proc: Any = None
         self._conn: Any = None
+        self._settings: dict[str, str] = {}   # _settings() when the child started
         self._jobs = itertools.count(1)
         self._prefix = f"chestview-{os.getpid()}-ai{next(AIHost._seq)}-"
         self.started = 0       # children started (tests: a cancel must not start a new one)
@@ -344,11 +354,14 @@ class AIHost:
 
     # -------------------------------------------------------------- the child
     def _ensure_child(self) -> tuple[Any, Any]:
+        """The running child, or a new one. A child started under other settings (the
+        ``CHESTVIEW_*`` variables: model folder, threads, device) is replaced, so that the models
+        run as they would in this process now."""
         with self._lifecycle:
             if self._closed:
                 raise AIHostError("the AI process has been stopped (the program is closing)")
             proc, conn = self._proc, self._conn
-            if proc is not None and proc.is_alive():
+            if proc is not None and proc.is_alive() and self._settings == _settings():
                 return proc, conn
             if proc is not None:
                 self._discard(proc, conn)
@@ -366,6 +379,7 @@ class AIHost:
         except Exception as e:  # noqa: BLE001 - reported once by the caller, which runs in-process
             raise _CannotStart(f"{type(e).__name__}: {e}") from e
         self._proc, self._conn = proc, conn
+        self._settings = _settings()
         self.started += 1
         return proc, conn
 

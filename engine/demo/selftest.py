@@ -136,11 +136,10 @@ def analyse_demo(out, demo: Path | None = None, ct_max_slices: int | None = None
 
 
 def check_ai_process(out, analysed: list) -> bool:
-    """The viewer's path to the models (engine.service -> engine.ai.host, a separate process): the
+    """The viewer's path to the models (engine.service uses engine.ai.host, a separate process): the
     first radiograph of the demo analysed there must give the findings the in-process analysis
     gave. In a packaged build this is the check that the frozen app can start its AI process."""
-    from engine.ai.host import get_host, process_enabled
-    from engine.service import analyze_series
+    from engine.ai.host import call, get_host, process_enabled
 
     pick = next(((s, r) for s, r in analysed if r.kind == "xray"), None)
     if pick is None:
@@ -148,7 +147,7 @@ def check_ai_process(out, analysed: list) -> bool:
         return False
     series, here = pick
     t = time.perf_counter()
-    there = analyze_series(series)
+    there = call("analyze_series", series)
     if there.error:
         print(f"  FAILED: {there.error}", file=out)
         return False
