@@ -261,3 +261,21 @@ def test_pyside_does_not_read_the_source_of_every_imported_module():
 
     users = [p for folder in ("viewer", "engine") for p in (REPO / folder).rglob("*.py") if imports_features(p)]
     assert users == []
+
+
+def test_pyqtgraph_mirrors_qt_lazily_with_the_same_objects():
+    """viewer.qt_startup._LazyQtMirror: pyqtgraph's QtCore/QtGui/QtWidgets look names up in PySide6
+    when asked instead of copying all of them at import (which built every PySide6 type)."""
+    import PySide6.QtCore
+    import PySide6.QtWidgets
+
+    import viewer.view.image_view  # noqa: F401 - imports pyqtgraph through preload_display_stack
+    import pyqtgraph.Qt as pgqt
+
+    assert pgqt.QtCore.QPointF is PySide6.QtCore.QPointF
+    assert pgqt.QtWidgets.QApplication is PySide6.QtWidgets.QApplication
+    assert pgqt.QtWidgets.QOpenGLWidget is not None             # pyqtgraph's own Qt6 shims still apply
+    if "__getattr__" in vars(pgqt.QtCore):                      # the lazy mirror was applied
+        assert "QPointF" not in vars(pgqt.QtCore)
+    with pytest.raises(AttributeError):
+        pgqt.QtCore.NoSuchQtName  # noqa: B018

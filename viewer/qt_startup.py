@@ -6,6 +6,7 @@ and the views (which need these at import) do not import each other.
 from __future__ import annotations
 
 import importlib.abc
+import importlib.machinery
 import sys
 from contextlib import contextmanager
 from typing import Iterator
@@ -94,15 +95,62 @@ def preload_display_stack() -> None:
 
     pyqtgraph's ``widgets.RawImageWidget`` imports ``cuda.bindings.runtime`` (cuda-python, pulled in
     by torch's wheels) for an OpenGL widget the viewer does not use: about 0.2 s and 30 MB before
-    the first image on a 2-core machine (bench/bench_viewer_start.py). pydicom is not imported
+    the first image on a 2-core machine (bench/bench_viewer_start.py). Its Qt mirror modules are
+    loaded lazily (``_LazyQtMirror``, another 0.1 s). pydicom is not imported
     here: the viewer's first image needs none (headers are read and frames decoded in the
     sandboxed decoder, engine.dicom.safe_decode); see :func:`preload_dicom_library`. Idempotent;
     call before pyqtgraph is imported.
     """
     if "pyqtgraph" in sys.modules:
         return
-    with imports_hidden("cuda"):
-        import pyqtgraph  # noqa: F401
+    finder = _LazyQtMirror()
+    sys.meta_path.insert(0, finder)
+    try:
+        with imports_hidden("cuda"):
+            import pyqtgraph  # noqa: F401
+    finally:
+        sys.meta_path.remove(finder)
+
+
+# pyqtgraph/Qt/__init__.py (pyqtgraph 0.13/0.14): its QtCore/QtGui/QtWidgets mirrors get every name of
+# the binding's modules copied in, which makes PySide6 build all of its ~1,500 lazily created types
+# and their enums at once: about 0.1 s of the viewer's start-up on a 2-core machine, for types the
+# viewer never touches. A mirror that looks names up in the binding when asked (PEP 562 module
+# ``__getattr__``) holds the same objects.
+_EAGER_COPY = """def _copy_attrs(src, dst):
+    for o in dir(src):
+        if not hasattr(dst, o):
+            setattr(dst, o, getattr(src, o))
+"""
+_LAZY_COPY = """def _copy_attrs(src, dst):
+    dst.__getattr__ = lambda name, _src=src: getattr(_src, name)
+"""
+
+
+class _LazyQtMirrorLoader(importlib.machinery.SourceFileLoader):
+    def get_code(self, fullname):  # noqa: D102 - importlib protocol
+        source = self.get_data(self.path).decode("utf-8")
+        return compile(source.replace(_EAGER_COPY, _LAZY_COPY, 1), self.path, "exec", dont_inherit=True)
+
+
+class _LazyQtMirror(importlib.abc.MetaPathFinder):
+    """Loads ``pyqtgraph.Qt`` with lazy mirrors when its source holds exactly the copy loop above;
+    any other pyqtgraph is imported untouched."""
+
+    def find_spec(self, fullname, path, target=None):  # noqa: D102 - importlib protocol
+        if fullname != "pyqtgraph.Qt":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or not str(spec.origin or "").endswith(".py"):
+            return None
+        try:
+            with open(spec.origin, encoding="utf-8") as fh:
+                if _EAGER_COPY not in fh.read():
+                    return None
+        except OSError:
+            return None
+        spec.loader = _LazyQtMirrorLoader(fullname, spec.origin)
+        return spec
 
 
 def preload_dicom_library() -> None:
