@@ -41,7 +41,7 @@ from collections import deque
 from typing import Any, Callable
 
 from engine.dicom.safe_decode import (_dumps, _get_context, _loads, _shm_usable, _silence_native_stderr,
-                                      _unlink_prefix, default_context)
+                                      _unlink_prefix, default_context, signal_name)
 from engine.errors import AIHostError, AnalysisCancelled, LoadError, ModelError
 
 log = logging.getLogger(__name__)
@@ -276,15 +276,10 @@ class _CannotStart(Exception):
 
 def _stop_reason(exitcode: int | None) -> str:
     """Why the child ended, for the user (safe_decode ``_death_reason`` words it for a decoder)."""
-    import signal
-
     if exitcode is None:
         return "stopped unexpectedly"
     if exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
+        name = signal_name(-exitcode)
         return "SIGKILL: out of memory?" if name == "SIGKILL" else f"{name}: crashed"
     return f"exit status {exitcode}"
 

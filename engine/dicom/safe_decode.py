@@ -552,16 +552,21 @@ def _child_main(conn: Any, mem_bytes: int | None) -> None:
                 return
 
 
-def _death_reason(exitcode: int | None) -> str:
+def signal_name(signum: int) -> str:
+    """'SIGKILL' for 9; 'signal N' for a number with no name (a child's exit code is ``-signum``)."""
     import signal
 
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _death_reason(exitcode: int | None) -> str:
     if exitcode is None:
         return "the decoder process stopped unexpectedly"
     if exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
+        name = signal_name(-exitcode)
         if name == "SIGKILL":
             return "the decoder process was killed (out of memory?)"
         if name == "SIGABRT":
