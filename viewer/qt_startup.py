@@ -128,24 +128,26 @@ _LAZY_COPY = """def _copy_attrs(src, dst):
 
 
 class _LazyQtMirrorLoader(importlib.machinery.SourceFileLoader):
-    """Compiles ``pyqtgraph.Qt`` with lazy mirrors when its source holds exactly the copy loop
-    above; any other pyqtgraph is loaded as usual (from its bytecode)."""
-
     def get_code(self, fullname):  # noqa: D102 - importlib protocol
         source = self.get_data(self.path).decode("utf-8")
-        if _EAGER_COPY not in source:
-            return super().get_code(fullname)
         return compile(source.replace(_EAGER_COPY, _LAZY_COPY, 1), self.path, "exec", dont_inherit=True)
 
 
 class _LazyQtMirror(importlib.abc.MetaPathFinder):
-    """Gives ``pyqtgraph.Qt`` (a source file) the :class:`_LazyQtMirrorLoader`."""
+    """Loads ``pyqtgraph.Qt`` with lazy mirrors when its source holds exactly the copy loop above;
+    any other pyqtgraph is imported untouched."""
 
     def find_spec(self, fullname, path, target=None):  # noqa: D102 - importlib protocol
         if fullname != "pyqtgraph.Qt":
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or not str(spec.origin or "").endswith(".py"):
+            return None
+        try:
+            with open(spec.origin, encoding="utf-8") as fh:
+                if _EAGER_COPY not in fh.read():
+                    return None
+        except OSError:
             return None
         spec.loader = _LazyQtMirrorLoader(fullname, spec.origin)
         return spec
