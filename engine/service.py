@@ -58,14 +58,22 @@ def series_meta(path: str | Path):
     return bounded_series_meta(path)
 
 
+def header_tree(path: str | Path):
+    """engine.dicom.tag_tree.HeaderTree (the tag browser's rows) of one file's header, parsed in
+    a sandboxed child: plain data, so the viewer shows headers without importing pydicom.
+    LoadError only."""
+    from engine.dicom.safe_decode import bounded_header_tree
+
+    return bounded_header_tree(path)
+
+
 def overlay_planes(path: str | Path, frame: int = 0):
     """The DICOM overlay planes (60xx) of one frame as engine.dicom.overlays.OverlaySet (header
-    only, size-checked before unpacking). Worker thread only; never raises. Parsed in this process:
-    calling the sandboxed ``read_header`` from this worker while the GUI thread waits on the same
-    decoder pool deadlocked (seen in tests/test_reading_room_display.py)."""
-    from engine.dicom.overlays import load_overlays
+    only, size-checked before unpacking), read in a sandboxed child of the caller's lane (a
+    worker thread: the background lane, never the one the GUI thread waits on). Never raises."""
+    from engine.dicom.safe_decode import bounded_overlay_planes
 
-    return load_overlays(path, frame)
+    return bounded_overlay_planes(path, frame)
 
 
 def thumbnail(series: SeriesRecord, size: int = 96):

@@ -107,19 +107,20 @@ def test_thumbnail_of_a_hostile_series_fails_with_a_reason(win, corpus: Path, qt
 
 
 def test_tag_browser_shows_readable_elements_and_marks_unreadable(qapp, tmp_path: Path) -> None:
+    """The rows are built in the decoder child (engine.service.header_tree), as the viewer reads them."""
     from pydicom.data import get_testdata_file
 
-    from engine.service import read_header
+    from engine.service import header_tree
     from viewer.browse.tag_browser import TagBrowser
 
     tb = TagBrowser()
-    tb.set_dataset(read_header(get_testdata_file("badVR.dcm")), "badVR.dcm")
+    tb.set_tree(header_tree(get_testdata_file("badVR.dcm")), "badVR.dcm")
     assert len(tb.visible_rows()) > 5
-    tb.set_dataset(read_header(hf.bad_element(tmp_path / "bad.dcm")), "bad.dcm")
+    tb.set_tree(header_tree(hf.bad_element(tmp_path / "bad.dcm")), "bad.dcm")
     rows = tb.visible_rows()
     assert tb.unreadable == 1 and any(r[0] == "(0008,0016)" for r in rows)   # the rest still shown
     assert any(r[1] == "(unreadable element)" for r in rows)
     assert "unreadable" in tb.title.text()
     deep = hf.deep_nesting(tmp_path / "deep.dcm", depth=60)
-    tb.set_dataset(read_header(deep), "deep")
+    tb.set_tree(header_tree(deep), "deep")
     assert any("nested deeper" in r[2] for r in tb.visible_rows())

@@ -269,6 +269,29 @@ def test_overlay_planes_of_pydicom_test_files_decoded_in_the_engine():
     assert np.array_equal(rgba[..., 3] > 0, expected)
 
 
+def test_overlay_planes_are_read_in_the_decoder_child(tmp_path):
+    """engine.service.overlay_planes (the viewer's call, from a worker thread) parses the header in
+    a sandboxed child and returns the same planes; a file it cannot read gives a problem, not an
+    exception."""
+    import threading
+
+    from pydicom.data import get_testdata_file
+
+    from engine.dicom.overlays import load_overlays
+    from engine.service import overlay_planes
+
+    path = get_testdata_file("examples_overlay.dcm")
+    out: dict = {}
+    worker = threading.Thread(target=lambda: out.update(
+        ok=overlay_planes(path), bad=overlay_planes(str(tmp_path / "missing.dcm"))))
+    worker.start()
+    worker.join(120)
+    here = load_overlays(path)
+    assert [p.group for p in out["ok"].planes] == [0x6000]
+    assert np.array_equal(out["ok"].planes[0].bitmap, here.planes[0].bitmap)
+    assert not out["bad"].planes and "not read" in out["bad"].problems[0]
+
+
 def test_multiframe_overlays_and_activation_layer_order(tmp_path):
     """PS3.3 C.9.3: overlay frames start at Image Frame Origin; C.11.7/C.10.7: layer order."""
     from pydicom.dataset import Dataset
@@ -563,8 +586,8 @@ def test_headers_are_read_for_the_tag_browser_only_while_it_is_shown(win, tmp_pa
     win.open_path(tmp_path / "ct", wait=True)
     assert win.select_series(uid)
     read: list[str] = []
-    real = service.read_header
-    monkeypatch.setattr(service, "read_header", lambda path: read.append(path) or real(path))
+    real = service.header_tree
+    monkeypatch.setattr(service, "header_tree", lambda path: read.append(path) or real(path))
     assert not win.tags_dock.isVisible()
     win.image_view.set_slice(1)
     QTest.qWait(300)                                   # past the tags timer

@@ -6,7 +6,7 @@ import logging
 import sys
 
 import viewer.qt_startup  # noqa: F401 - first: PySide6 set-up every later import relies on
-from PySide6.QtCore import Qt, QTimer
+from PySide6.QtCore import QEventLoop, Qt, QTimer
 from PySide6.QtWidgets import QApplication
 
 
@@ -38,6 +38,11 @@ def run_viewer(paths: list[str]) -> int:
     # result, and the first series with it, arrives through the event loop (bench_viewer_start.py)
     for i, p in enumerate(paths):
         win.open_path(p, select=(i == 0))
+    # building the window posts ~1,500 polish, layout, menu and settings events (and PySide6
+    # creates ~70 enum types on their first delivery): ~80 ms of work that Qt would otherwise run
+    # in the same event-loop turn as the window's first paint, one stall the user sees. Run now,
+    # before there is a window to be unresponsive (bench/bench_viewer_start.py, gap at start).
+    app.processEvents(QEventLoop.ProcessEventsFlag.ExcludeUserInputEvents)
     win.show()
     QTimer.singleShot(0, lambda: _autostart_pacs(win))
     try:

@@ -28,7 +28,6 @@ from viewer.view.image_view import FrameSource, ImageView, NavigationKeys, Volum
 from viewer.view.layouts import HangingController, ViewportGrid
 from viewer.view.mpr_view import MPRView
 from viewer.view.stack_order import series_items
-from viewer.qt_startup import preload_dicom_library
 from viewer.qt_workers import TaskRunner
 from viewer.settings_store import SettingsStore
 from viewer.browse.study_browser import StudyBrowser
@@ -38,7 +37,6 @@ from viewer.browse.thumbnails import ThumbnailLoader
 from viewer.ai.workers import install_gui_wait_hook, warm_up_decoder
 
 log = logging.getLogger(__name__)
-PRELOAD_DELAY_MS = 1500      # pydicom is imported in a worker this long after the first image
 
 MOUSE_HELP = [
     ("Right drag", "Window / level (horizontal = width, vertical = level)"),
@@ -81,7 +79,6 @@ class MainWindow(QMainWindow):
         self.current_volume = None
         self.last_message = ""
         self._pending_opens = 0
-        self._dicom_preloaded = False
 
         # central: stack view and MPR
         self.image_view = ImageView()
@@ -520,12 +517,6 @@ class MainWindow(QMainWindow):
         self._tags_timer.start()
         if series.kind == "ct" and len(items) > 2:
             self._load_volume(series)
-        if not self._dicom_preloaded:
-            # off the GUI thread, and not while the first image is painted: an import holds the
-            # GIL in 5 ms slices, which the paint's own Python loops would wait for
-            self._dicom_preloaded = True
-            QTimer.singleShot(PRELOAD_DELAY_MS, self, lambda: self.runner.submit(
-                preload_dicom_library, on_error=lambda e: log.info("pydicom preload: %s", e)))
         self.series_opened.emit(series)
         return True
 
@@ -679,12 +670,12 @@ class MainWindow(QMainWindow):
         if not path:
             return
         try:
-            from engine.service import read_header
-            ds = read_header(path)
+            from engine.service import header_tree
+            tree = header_tree(path)
         except Exception as exc:  # noqa: BLE001 - shown, never raised
-            self.tag_browser.set_dataset(None, f"Cannot read header: {getattr(exc, 'reason', exc)}")
+            self.tag_browser.set_tree(None, f"Cannot read header: {getattr(exc, 'reason', exc)}")
             return
-        self.tag_browser.set_dataset(ds, Path(path.split("::")[-1]).name, key=path)
+        self.tag_browser.set_tree(tree, Path(path.split("::")[-1]).name, key=path)
 
     # ---------------------------------------------------------------------------------------
     # optional modules, imported lazily (see the actions in _build_actions)

@@ -97,9 +97,9 @@ def preload_display_stack() -> None:
     by torch's wheels) for an OpenGL widget the viewer does not use: about 0.2 s and 30 MB before
     the first image on a 2-core machine (bench/bench_viewer_start.py). Its Qt mirror modules are
     loaded lazily (``_LazyQtMirror``, another 0.1 s). pydicom is not imported
-    here: the viewer's first image needs none (headers are read and frames decoded in the
-    sandboxed decoder, engine.dicom.safe_decode); see :func:`preload_dicom_library`. Idempotent;
-    call before pyqtgraph is imported.
+    here, nor later while a study is read: frames, annotations, tags and overlay planes come from
+    the sandboxed decoder as plain data (engine.dicom.safe_decode). Idempotent; call before
+    pyqtgraph is imported.
     """
     if "pyqtgraph" in sys.modules:
         return
@@ -151,16 +151,3 @@ class _LazyQtMirror(importlib.abc.MetaPathFinder):
             return None
         spec.loader = _LazyQtMirrorLoader(fullname, spec.origin)
         return spec
-
-
-def preload_dicom_library() -> None:
-    """Import pydicom in a worker thread once the first image is on screen, so that the first
-    header the GUI thread unpickles later (the tag browser's dataset) does not stall it for the
-    0.3 s pydicom takes to import. ``pydicom.data.download`` imports ``requests`` (with urllib3 and
-    charset_normalizer) only to download pydicom's own test files and falls back to urllib
-    without it: hidden, it saves 0.1 s and 30 MB. Idempotent."""
-    if "pydicom" in sys.modules:
-        return
-    with imports_hidden("requests"):
-        import pydicom  # noqa: F401
-        import pydicom.pixels  # noqa: F401

@@ -882,9 +882,14 @@ def bounded_load_frame(path: Any, frame: int = 0) -> Any:
         return hit
     from engine.dicom import pixels
 
+    return _bounded(pixels.load_frame, path, int(frame), timeout_s=FRAME_TIMEOUT_S)
+
+
+def _bounded(fn: Callable, path: Any, *args: Any, timeout_s: float) -> Any:
+    """``fn(str(path), *args)`` in a child of this thread's lane; its LoadError names ``path``
+    as the caller gave it (a ZIP member path stays one)."""
     try:
-        return _wait(boundary_pool().submit(pixels.load_frame, str(path), int(frame),
-                                            timeout_s=FRAME_TIMEOUT_S))
+        return _wait(boundary_pool().submit(fn, str(path), *args, timeout_s=timeout_s))
     except LoadError as e:
         raise LoadError(path, e.reason) from None
 
@@ -893,10 +898,26 @@ def bounded_read_header(path: Any) -> Any:
     """engine.dicom.pixels.read_header in a sandboxed child (deep nesting, deflate bombs, hangs)."""
     from engine.dicom import pixels
 
+    return _bounded(pixels.read_header, path, timeout_s=HEADER_TIMEOUT_S)
+
+
+def bounded_header_tree(path: Any) -> Any:
+    """engine.dicom.tag_tree.read_header_tree in a sandboxed child: the tag browser gets plain
+    rows, so the viewer's process needs no pydicom to show a header. LoadError only."""
+    from engine.dicom.tag_tree import read_header_tree
+
+    return _bounded(read_header_tree, path, timeout_s=HEADER_TIMEOUT_S)
+
+
+def bounded_overlay_planes(path: Any, frame: int = 0) -> Any:
+    """engine.dicom.overlays.load_overlays (60xx planes, header only) in a sandboxed child; never
+    raises for bad input (a child that died or timed out is reported in ``problems``)."""
+    from engine.dicom.overlays import OverlaySet, load_overlays
+
     try:
-        return _wait(boundary_pool().submit(pixels.read_header, str(path), timeout_s=HEADER_TIMEOUT_S))
+        return _bounded(load_overlays, path, int(frame), timeout_s=HEADER_TIMEOUT_S)
     except LoadError as e:
-        raise LoadError(path, e.reason) from None
+        return OverlaySet(problems=[f"overlays not read: {e.reason}"])
 
 
 def header_meta(path: Any) -> Any:
@@ -910,10 +931,7 @@ def header_meta(path: Any) -> Any:
 def bounded_series_meta(path: Any) -> Any:
     """:func:`header_meta` in a sandboxed child: the viewer gets plain data (no pydicom Dataset to
     unpickle, so it needs no pydicom before its first image). LoadError only."""
-    try:
-        return _wait(boundary_pool().submit(header_meta, str(path), timeout_s=HEADER_TIMEOUT_S))
-    except LoadError as e:
-        raise LoadError(path, e.reason) from None
+    return _bounded(header_meta, path, timeout_s=HEADER_TIMEOUT_S)
 
 
 INDEX_TIMEOUT_S = 3600.0   # a whole folder's headers; the per-file work is bounded by the index itself

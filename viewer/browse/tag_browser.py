@@ -10,24 +10,7 @@ from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import (QHeaderView, QLabel, QLineEdit, QTreeWidget, QTreeWidgetItem, QVBoxLayout,
                                QWidget)
 
-MAX_VALUE_CHARS = 240
-MAX_DEPTH = 32   # sequence nesting shown; hostile files nest thousands deep (recursion limit)
-
-
-def _value_text(elem) -> str:
-    if elem.VR == "SQ":
-        return f"<sequence, {len(elem.value)} item(s)>"
-    if elem.tag in (0x7FE00010, 0x7FE00008, 0x7FE00009) or elem.VR in ("OB", "OW", "OF", "OD", "OL", "UN"):
-        try:
-            n = len(elem.value) if elem.value is not None else 0
-        except TypeError:
-            n = 0
-        return f"<binary, {n} bytes>"
-    try:
-        s = str(elem.value)
-    except Exception:  # noqa: BLE001 - a malformed value must not break the browser
-        s = "<unreadable>"
-    return s if len(s) <= MAX_VALUE_CHARS else s[:MAX_VALUE_CHARS] + " …"
+from engine.dicom.tag_tree import HeaderTree, TagRow
 
 
 class TagBrowser(QWidget):
@@ -64,64 +47,32 @@ class TagBrowser(QWidget):
         self._key = None
         self.unreadable = 0
 
-    def set_dataset(self, ds, title: str = "", key=None) -> None:
-        """Show ``ds`` (pydicom Dataset); ``key`` skips rebuilding when the same file is shown again."""
+    def set_tree(self, tree: HeaderTree | None, title: str = "", key=None) -> None:
+        """Show ``tree`` (engine.dicom.tag_tree rows, e.g. from ``engine.service.header_tree``);
+        ``key`` skips rebuilding when the same file is shown again."""
         if key is not None and key == self._key:
             return
         self._key = key
         self.tree.clear()
-        self.unreadable = 0
-        if ds is not None:
-            self._add(self.tree.invisibleRootItem(), ds)
-            meta_ds = getattr(ds, "file_meta", None)
-            if meta_ds is not None and len(meta_ds):
-                meta = QTreeWidgetItem(["(0002,xxxx)", "File Meta Information", "", ""])
-                self.tree.addTopLevelItem(meta)
-                self._add(meta, meta_ds)
+        self.unreadable = tree.unreadable if tree is not None else 0
+        if tree is not None:
+            self._add(self.tree.invisibleRootItem(), tree.rows)
         self.title.setText(title + (f"  — {self.unreadable} element(s) unreadable (marked red)"
                                     if self.unreadable else ""))
         self.apply_filter(self.search.text())
 
-    def _add(self, parent: QTreeWidgetItem, ds, depth: int = 0) -> None:
-        """One row per element; an element pydicom cannot convert is shown as unreadable (red)
-        with the reason, and the rows after it still appear (a damaged value must not hide the
-        readable rest of the header)."""
-        try:
-            tags = list(ds.keys())
-        except Exception as exc:  # noqa: BLE001 - a dataset that cannot even list its tags
-            self._unreadable(parent, "", f"<element list unreadable: {type(exc).__name__}>")
-            return
-        for tag in tags:
-            label = f"({tag.group:04X},{tag.element:04X})"
-            try:
-                elem = ds[tag]
-                item = QTreeWidgetItem([label, elem.name, str(elem.VR), _value_text(elem)])
-            except Exception as exc:  # noqa: BLE001 - shown, never raised
-                self._unreadable(parent, label, f"<unreadable: {type(exc).__name__}>")
-                continue
-            item.setToolTip(3, item.text(3))
+    def _add(self, parent: QTreeWidgetItem, rows: list[TagRow]) -> None:
+        for row in rows:
+            item = QTreeWidgetItem([row.tag, row.name, row.vr, row.value])
+            if row.unreadable:
+                item.setForeground(1, QBrush(QColor("#c0392b")))
+                item.setForeground(3, QBrush(QColor("#c0392b")))
+                item.setToolTip(3, "pydicom could not convert this element's value; the file is damaged here")
+            elif row.tag:
+                item.setToolTip(3, row.value)
             parent.addChild(item)
-            if elem.VR == "SQ":
-                if depth >= MAX_DEPTH:
-                    self._unreadable(item, "", f"<nested deeper than {MAX_DEPTH} levels; not shown>")
-                    continue
-                try:
-                    items = list(elem.value)
-                except Exception as exc:  # noqa: BLE001
-                    self._unreadable(item, "", f"<sequence items unreadable: {type(exc).__name__}>")
-                    continue
-                for k, sub in enumerate(items):
-                    it = QTreeWidgetItem(["", f"Item {k + 1}", "", ""])
-                    item.addChild(it)
-                    self._add(it, sub, depth + 1)
-
-    def _unreadable(self, parent: QTreeWidgetItem, tag: str, text: str) -> None:
-        item = QTreeWidgetItem([tag, "(unreadable element)", "", text])
-        item.setForeground(1, QBrush(QColor("#c0392b")))
-        item.setForeground(3, QBrush(QColor("#c0392b")))
-        item.setToolTip(3, "pydicom could not convert this element's value; the file is damaged here")
-        parent.addChild(item)
-        self.unreadable += 1
+            if row.children:
+                self._add(item, row.children)
 
     def apply_filter(self, text: str) -> None:
         q = text.strip().lower()
