@@ -17,7 +17,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # engine rooms; "foundation" is the top-level modules every room may use
-FOUNDATION = {"engine", "engine.errors", "engine.paths", "engine.logscrub", "engine.metrics", "engine.results"}
+FOUNDATION = {"engine", "engine.errors", "engine.paths", "engine.logscrub", "engine.metrics", "engine.results",
+              "engine.cpu"}
 ENGINE_MAY_IMPORT: dict[str, set[str]] = {
     "foundation": {"foundation"},
     "dicom": {"foundation", "dicom"},

@@ -84,6 +84,32 @@ def test_pick_device_cpu_and_thread_count(monkeypatch):
     assert devices.physical_cores() >= 1
 
 
+def test_physical_cores_read_from_sysfs_match_psutil_and_fall_back(monkeypatch, tmp_path):
+    """engine.cpu counts distinct sibling sets of the CPUs this process may use (no psutil import
+    on the viewer's GUI thread); without sysfs it asks psutil, as before."""
+    import os
+
+    import psutil
+
+    import engine.cpu as cpu
+
+    all_cpus = len(os.sched_getaffinity(0)) == (os.cpu_count() or 0)
+    if all_cpus:
+        assert cpu.physical_cores() == psutil.cpu_count(logical=False)
+    # a 2-core machine with hyper-threading: cpu0/cpu2 and cpu1/cpu3 are siblings
+    for n, sib in {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3"}.items():
+        d = tmp_path / f"cpu{n}" / "topology"
+        d.mkdir(parents=True)
+        (d / "core_cpus_list").write_text(sib + "\n")
+    monkeypatch.setattr(cpu, "SYSFS_CPU", str(tmp_path))
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert cpu.physical_cores() == 2
+    monkeypatch.setattr(cpu.os, "sched_getaffinity", lambda pid: {0, 2})      # taskset -c 0,2
+    assert cpu.physical_cores() == 1
+    monkeypatch.setattr(cpu, "SYSFS_CPU", str(tmp_path / "absent"))
+    assert cpu.physical_cores() == max(1, psutil.cpu_count(logical=False) or 1)
+
+
 def test_cpu_bf16_autocast_agrees_with_fp32():
     """Mixed precision changes numbers only within tolerance (the CUDA fp16 path is the same code)."""
     torch.manual_seed(0)

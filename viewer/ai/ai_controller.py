@@ -43,13 +43,9 @@ def leave_a_core_for_the_gui() -> None:
     (bench/bench_gui_stall.py). An explicit CHESTVIEW_THREADS or OMP_NUM_THREADS wins."""
     if os.environ.get("CHESTVIEW_THREADS") or os.environ.get("OMP_NUM_THREADS"):
         return
-    try:
-        import psutil
+    from engine.cpu import physical_cores
 
-        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 2
-    except Exception:  # noqa: BLE001
-        cores = os.cpu_count() or 2
-    os.environ["CHESTVIEW_THREADS"] = str(max(1, int(cores) - 1))
+    os.environ["CHESTVIEW_THREADS"] = str(max(1, physical_cores() - 1))
 
 
 class AIController(QObject):

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.cpu import physical_cores  # noqa: F401 - re-exported (selftest, tests)
+
 _lock = threading.Lock()
 _threads_configured = False
 _warmed: set[tuple[int, str, tuple[int, ...]]] = set()
@@ -34,14 +36,6 @@ class DeviceConfig:
         return f"cpu ({torch.get_num_threads()} threads, {amp})"
 
 
-def physical_cores() -> int:
-    try:
-        import psutil
-
-        n = psutil.cpu_count(logical=False)
-    except Exception:  # psutil missing or unsupported platform
-        n = None
-    return max(1, int(n or os.cpu_count() or 1))
 
 
 def configure_threads() -> int:
