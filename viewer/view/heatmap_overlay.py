@@ -10,6 +10,7 @@ that slice is displayed.
 """
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from typing import Any, Iterable
 
@@ -31,11 +32,14 @@ PLANE_CACHE = 64             # (file, frame) overlay sets kept
 PLANES_SETTLE_MS = 60        # a slice shown this long has its header read (not while scrolling)
 
 
+@functools.lru_cache(maxsize=16)
 def colormap_lut(name: str, n: int = 256) -> np.ndarray:
-    """(n, 3) uint8 lookup table of a pyqtgraph colormap."""
+    """(n, 3) uint8 lookup table of a pyqtgraph colormap, read-only and computed once per name:
+    pyqtgraph parses the map's CSV file each time (~7 ms, twice while the window is built)."""
     cmap = pg.colormap.get(name)
-    lut = cmap.getLookupTable(0.0, 1.0, n, alpha=False)
-    return np.ascontiguousarray(lut[:, :3], dtype=np.uint8)
+    lut = np.ascontiguousarray(cmap.getLookupTable(0.0, 1.0, n, alpha=False)[:, :3], dtype=np.uint8)
+    lut.flags.writeable = False
+    return lut
 
 
 def _downsample(array: np.ndarray, max_side: int) -> np.ndarray:
