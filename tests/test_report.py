@@ -9,7 +9,6 @@ import csv
 import io
 import json
 import re
-import shutil
 import subprocess
 
 import numpy as np
@@ -205,9 +204,12 @@ def test_journal_atomic_records_resume_and_settings(tmp_path):
 
 def test_html_table_sorts_by_score_in_a_real_browser(tmp_path):
     """The page's own script orders rows by score (highest first) when it loads; no network needed."""
-    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    from tests.test_dciodvfy import ensure_debian_tool
+
+    # installed by the test when missing (a fresh machine has none), as tests/test_report_browser.py does
+    browser = ensure_debian_tool("chromium", "chromium")
     if browser is None:
-        pytest.skip("no headless chromium (apt-get install chromium)")
+        pytest.skip("chromium (Debian package) is not installed and cannot be installed here")
     pt, st, se_x, _ = _records()
     rows = []
     for k, p in enumerate([0.3, 0.9, None, 0.6]):

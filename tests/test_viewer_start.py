@@ -85,7 +85,9 @@ def test_torch_preload_plan_follows_torchs_own_load_order(tmp_path):
     (site / "triton" / "_C").mkdir(parents=True)
     (site / "triton" / "_C" / "libtriton.so").write_bytes(b"")
 
-    plan = [(Path(p).name, g, c) for p, g, c in service.torch_preload_plan(str(site / "torch"))]
+    from engine.ai import runtime_preload
+
+    plan = [(Path(p).name, g, c) for p, g, c in runtime_preload.torch_preload_plan(str(site / "torch"))]
     assert plan == [("libtorch_global_deps.so", True, False), ("libcublasLt.so.13", False, True),
                     ("libcublas.so.13", False, True), ("libcudnn.so.9", False, True),
                     ("libcudart.so.13", False, True), ("libc10.so", True, False),
@@ -93,16 +95,30 @@ def test_torch_preload_plan_follows_torchs_own_load_order(tmp_path):
                     ("libtriton.so", False, False)]
 
 
+def test_models_run_in_this_process_only_after_torchs_libraries_are_mapped(monkeypatch):
+    """engine.ai.host.run_here (CHESTVIEW_AI_PROCESS=0, or no AI process) maps torch's libraries
+    without the GIL before any model work; the AI process path needs no such step here."""
+    from engine.ai import host, runtime_preload
+
+    order: list[str] = []
+    monkeypatch.setattr(runtime_preload, "preload_model_runtime", lambda: order.append("preload"))
+    monkeypatch.setitem(host.FUNCTIONS, "model_infos", lambda progress=None, cancel=None: order.append("model"))
+    monkeypatch.setenv(host.ENV_SWITCH, "0")
+    host.call("model_infos")
+    assert order == ["preload", "model"]
+
+
 def test_a_second_preload_caller_waits_for_the_first(monkeypatch):
     """The analysis worker must not ``import torch`` (GIL held) while the model-card loader is
-    still mapping the libraries without it."""
-    if "torch" in sys.modules:
-        pytest.skip("torch already imported in this test process")
+    still mapping the libraries without it. (The plan is replaced: nothing is loaded here.)"""
     import importlib.util
 
     if importlib.util.find_spec("torch") is None:
         pytest.skip("torch not installed")
-    monkeypatch.setattr(service, "_preloaded", False)
+    from engine.ai import runtime_preload as rp
+
+    monkeypatch.setattr(rp, "_preloaded", False)
+    monkeypatch.setattr(rp, "_torch_imported", lambda: False)   # other tests of this process import it
     entered, release = threading.Event(), threading.Event()
     order: list[str] = []
 
@@ -112,11 +128,11 @@ def test_a_second_preload_caller_waits_for_the_first(monkeypatch):
         order.append("first mapped")
         return []
 
-    monkeypatch.setattr(service, "torch_preload_plan", slow_plan)
-    first = threading.Thread(target=service.preload_model_runtime)
+    monkeypatch.setattr(rp, "torch_preload_plan", slow_plan)
+    first = threading.Thread(target=rp.preload_model_runtime)
     first.start()
     assert entered.wait(60)
-    second = threading.Thread(target=lambda: (service.preload_model_runtime(), order.append("second returned")))
+    second = threading.Thread(target=lambda: (rp.preload_model_runtime(), order.append("second returned")))
     second.start()
     second.join(0.3)             # room for a second caller that does not wait to return early
     release.set()

@@ -103,7 +103,11 @@ FUNCTIONS: dict[str, Callable[..., Any]] = {
 
 def run_here(fn_name: str, *args: Any, progress: ProgressFn | None = None, cancel: CancelFn | None = None,
              **kwargs: Any) -> Any:
-    """``fn_name`` of :data:`FUNCTIONS` in the calling process and thread."""
+    """``fn_name`` of :data:`FUNCTIONS` in the calling process and thread (torch's libraries mapped
+    first without the GIL: engine.ai.runtime_preload)."""
+    from engine.ai.runtime_preload import preload_model_runtime
+
+    preload_model_runtime()
     return FUNCTIONS[fn_name](*args, progress=progress, cancel=cancel, **kwargs)
 
 
