@@ -185,7 +185,9 @@ if os.environ.get("CHESTVIEW_SMOKE_EXIT"):
 
     app = QtWidgets.QApplication([])
     w = Main() if os.environ.get("PROBE_SERIES") else QtWidgets.QMainWindow()
-    if os.environ.get("PROBE_SERIES"):
+    if os.environ.get("PROBE_SERIES") == "early":   # shown before exec(): no signal comes later
+        w.image_view = type("View", (), {"current_data": lambda self: "image"})()
+    elif os.environ.get("PROBE_SERIES"):
         QtCore.QTimer.singleShot(300, lambda: w.series_opened.emit("series"))
     w.setWindowTitle("probe")
     w.setCentralWidget(QtWidgets.QLabel("hello"))
@@ -220,6 +222,14 @@ def test_runtime_hook_cpu_variant_and_smoke_exit(tmp_path: Path) -> None:
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[chestview-smoke]")]
     assert len(lines) == 2 and "first window painted" in lines[0], r.stdout + r.stderr
     assert "first series displayed after" in lines[1] and "EXEC_RC=0" in r.stdout
+
+    # viewer.app.run_viewer dispatches its start-up events before exec(): the series may be on
+    # screen before the hook attaches to series_opened, and must still be seen (not a time-out)
+    env["PROBE_SERIES"] = "early"
+    r = subprocess.run(run, capture_output=True, text=True, env=env, timeout=120)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[chestview-smoke]")]
+    assert len(lines) == 2 and any("first series displayed after" in ln for ln in lines), r.stdout + r.stderr
+    assert any("first window painted after" in ln for ln in lines) and "EXEC_RC=0" in r.stdout
 
 
 _FROZEN_EXE = """#!{python}

@@ -138,6 +138,11 @@ def _install_smoke_exit(t0: float) -> None:
             if signal is not None and hasattr(signal, "connect"):
                 watcher.wants_series = True
                 signal.connect(watcher.on_series)
+                # the viewer dispatches its start-up events before the window is shown
+                # (viewer.app.run_viewer): the first series may be on screen already
+                view = getattr(w, "image_view", None)
+                if view is not None and hasattr(view, "current_data") and view.current_data() is not None:
+                    QtCore.QTimer.singleShot(0, watcher.on_series)
             QtWidgets.QApplication.instance().installEventFilter(watcher)
             w.update()  # schedule a paint in case the first one already happened
             QtCore.QTimer.singleShot(5000, watcher.on_paint)  # fallback: a platform without paint events
