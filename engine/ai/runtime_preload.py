@@ -72,8 +72,9 @@ def preload_model_runtime() -> None:
     ``import torch`` dlopens libtorch_global_deps, the CUDA component libraries (cuBLAS, cuDNN:
     hundreds of MB) and libtorch_cpu, and the model imports triton's and torchvision's native
     libraries, through ctypes.CDLL and the import system, which hold the GIL for each whole call:
-    the viewer's GUI thread froze for 0.2-0.9 s at the first analysis (bench/bench_viewer_start.py). Calling libc's dlopen(3) through a ctypes *function* releases
-    the GIL, so the same work happens while the GUI keeps running, in torch's order
+    the viewer's GUI thread froze for 0.2-0.9 s at the first analysis (bench/bench_viewer_start.py).
+    Calling libc's dlopen(3) through a ctypes *function* releases the GIL, so the same work
+    happens while the GUI keeps running, in torch's order
     (:func:`torch_preload_plan`); the later import finds the libraries already loaded (dlopen is
     reference counted). Linux only, best effort, idempotent, thread-safe (a second caller waits,
     without the GIL, for the first).

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.cpu import physical_cores  # noqa: F401 - re-exported (selftest, tests)
+from engine.cpu import physical_cores
 
 _lock = threading.Lock()
 _threads_configured = False
@@ -34,8 +34,6 @@ class DeviceConfig:
             return f"cuda:{idx} ({torch.cuda.get_device_name(idx)}, {amp})"
         amp = f"autocast {str(self.autocast_dtype).replace('torch.', '')}" if self.autocast_dtype else "fp32"
         return f"cpu ({torch.get_num_threads()} threads, {amp})"
-
-
 
 
 def configure_threads() -> int:
